@@ -1,0 +1,205 @@
+"""``peagle`` command line: one subcommand per pipeline stage (see docs/ARCHITECTURE.md).
+
+Heavy libraries (torch, transformers, datasets) are imported inside the commands that need them,
+so ``peagle --help`` and config validation stay instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _log(msg: str) -> None:
+    print(f"[peagle {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _config(args):
+    from peagle.config import load_config
+
+    return load_config(*args.config)
+
+
+def _threads(cfg) -> None:
+    import torch
+
+    torch.set_num_threads(cfg.runtime.threads)
+    torch.manual_seed(cfg.seed)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def cmd_data(args) -> None:
+    cfg = _config(args)
+    if cfg.data.source == "synthetic":
+        from peagle.data.tiny import make_tiny_data
+
+        manifest = make_tiny_data(args.out_dir, seed=cfg.seed, n_train=cfg.data.n_train, n_eval=cfg.data.n_eval)
+    else:
+        from peagle.data.hf import make_hf_data
+
+        manifest = make_hf_data(args.out_dir, n_train=cfg.data.n_train, n_eval=cfg.data.n_eval,
+                                train_datasets=cfg.data.train_datasets, data_files=cfg.data.data_files,
+                                seed=cfg.seed)
+    _log(f"data written to {args.out_dir}: {json.dumps({k: v for k, v in manifest.items() if 'count' in k})}")
+
+
+def cmd_target(args) -> None:
+    cfg = _config(args)
+    tc = cfg.target
+    out = Path(args.out_dir)
+    if tc.kind == "hf":
+        from peagle.target import resolve_hf_target
+
+        resolve_hf_target(tc.path, out / "target.json", num_layers=tc.num_layers, hidden_size=tc.hidden_size,
+                          vocab_size=tc.vocab_size, aux_layer_ids=tc.aux_layer_ids,
+                          mask_token_id=tc.mask_token_id, name=tc.name,
+                          max_position_embeddings=tc.max_position_embeddings)
+        _log(f"target {tc.path} recorded in {out / 'target.json'}")
+        return
+    _threads(cfg)
+    from peagle.data.schema import read_prompts
+    from peagle.target import (TinyTargetConfig, build_tiny_target, count_parameters, eos_token_ids,
+                               pretrain_tiny_target, train_tokenizer, write_target_json)
+
+    data = Path(args.data_dir)
+    train = read_prompts(data / "train.jsonl")
+    heldout = [r for s in cfg.eval.sets for r in read_prompts(data / f"eval_{s}.jsonl")]
+    texts = [t for r in train for t in (*r.turns, r.reference or "")]
+    tok = train_tokenizer(texts, tc.pretrain.tokenizer_vocab_size)
+    if len(tok) != tc.vocab_size:
+        _log(f"note: tokenizer has {len(tok)} entries; the model's vocabulary is target.vocab_size={tc.vocab_size}")
+    arch = TinyTargetConfig(architecture=tc.architecture, hidden_size=tc.hidden_size, num_layers=tc.num_layers,
+                            num_heads=tc.num_heads, num_kv_heads=tc.num_kv_heads,
+                            intermediate_size=tc.intermediate_size,
+                            max_position_embeddings=tc.max_position_embeddings, seed=cfg.seed)
+    model = build_tiny_target(arch, tok)
+    _log(f"tiny target: {count_parameters(model) / 1e6:.2f}M parameters, pretraining {tc.pretrain.steps} steps")
+    p = tc.pretrain
+    metrics = pretrain_tiny_target(model, tok, train, heldout, steps=p.steps, seq_len=p.seq_len,
+                                   batch_size=p.batch_size, lr=p.lr, warmup=p.warmup_steps, seed=cfg.seed,
+                                   out_dir=out, log=out / "pretrain_log.jsonl", num_threads=cfg.runtime.threads)
+    write_target_json(out / "target.json", path=str(out / "model"), kind="tiny", num_layers=tc.num_layers,
+                      hidden_size=tc.hidden_size, vocab_size=model.get_output_embeddings().weight.shape[0],
+                      aux_layer_ids=tc.aux_layer_ids, mask_token_id=tok.mask_token_id,
+                      eos_token_id=eos_token_ids(model, tok),
+                      heldout_next_token_accuracy=metrics["heldout_next_token_accuracy"], name=tc.name,
+                      architecture=tc.architecture, max_position_embeddings=tc.max_position_embeddings,
+                      pretrain=metrics)
+    _log(f"held-out next-token accuracy {metrics['heldout_next_token_accuracy']:.4f}")
+
+
+def cmd_respond(args) -> None:
+    cfg = _config(args)
+    _threads(cfg)
+    from peagle.data.schema import read_prompts
+    from peagle.generate import regenerate_responses
+    from peagle.target import load_target
+
+    model, tok, _ = load_target(args.target, device=cfg.runtime.device, dtype=cfg.runtime.dtype)
+    records = read_prompts(args.prompts)
+    if cfg.respond.n_prompts is not None:
+        records = records[:cfg.respond.n_prompts]
+    stats = regenerate_responses(model, tok, records, cfg.respond.max_new_tokens, cfg.respond.batch_size, args.out)
+    _log(f"responses: {json.dumps(stats)}")
+
+
+def cmd_extract(args) -> None:
+    cfg = _config(args)
+    _threads(cfg)
+    from peagle.hidden import extract_hidden_states
+    from peagle.target import load_target
+
+    model, _, info = load_target(args.target, device=cfg.runtime.device, dtype=cfg.runtime.dtype)
+    manifest = extract_hidden_states(model, args.responses, info["aux_layer_ids"], args.out_dir,
+                                     cfg.hidden.shard_tokens, cfg.hidden.dtype, info["path"])
+    _log(f"hidden states: {manifest.get('num_sequences')} sequences, {manifest.get('num_tokens')} tokens")
+
+
+def cmd_train(args) -> None:
+    cfg = _config(args)
+    _threads(cfg)
+    from peagle.train import train_drafter
+
+    train_drafter(cfg, args.target, args.hidden_dir, args.method, args.ctx, args.out_dir, log=_log)
+
+
+def cmd_evaluate(args) -> None:
+    cfg = _config(args)
+    _threads(cfg)
+    from peagle.evaluate import evaluate_drafter
+    from peagle.io import atomic_write_json
+
+    result = evaluate_drafter(cfg, args.target, args.drafter, args.prompts, args.k, log=_log)
+    atomic_write_json(args.out, result)
+
+
+def cmd_table1(args) -> None:
+    cfg = _config(args)
+    from peagle.tables import write_table1
+
+    df = write_table1(cfg, args.evals, args.benchmarks or [], args.out, config_files=args.config)
+    print(df.to_string(index=False))
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="peagle", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, help_):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--config", action="append", required=True,
+                        help="profile YAML (repeat to deep-merge overlays in order)")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = add("data", cmd_data, "make or load prompts: train.jsonl, eval_*.jsonl, manifest.json")
+    sp.add_argument("--out-dir", required=True)
+    sp = add("target", cmd_target, "build+pretrain the tiny target, or record the HF target")
+    sp.add_argument("--data-dir", required=True)
+    sp.add_argument("--out-dir", required=True)
+    sp = add("respond", cmd_respond, "regenerate training responses with the target (greedy)")
+    sp.add_argument("--target", required=True)
+    sp.add_argument("--prompts", required=True)
+    sp.add_argument("--out", required=True)
+    sp = add("extract", cmd_extract, "extract target hidden states into safetensors shards")
+    sp.add_argument("--target", required=True)
+    sp.add_argument("--responses", required=True)
+    sp.add_argument("--out-dir", required=True)
+    sp = add("train", cmd_train, "train a drafter")
+    sp.add_argument("--target", required=True)
+    sp.add_argument("--hidden-dir", required=True)
+    sp.add_argument("--method", required=True)
+    sp.add_argument("--ctx", type=int, required=True, help="training context length (tokens)")
+    sp.add_argument("--out-dir", required=True)
+    sp = add("evaluate", cmd_evaluate, "acceptance length with the speculative-decoding engine")
+    sp.add_argument("--target", required=True)
+    sp.add_argument("--drafter", required=True)
+    sp.add_argument("--prompts", required=True)
+    sp.add_argument("--k", type=int, required=True)
+    sp.add_argument("--out", required=True)
+    sp = add("table1", cmd_table1, "paper Table 1: acceptance length vs training context length")
+    sp.add_argument("--evals", nargs="+", required=True)
+    sp.add_argument("--benchmarks", nargs="*")
+    sp.add_argument("--out", required=True)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from peagle.config import ConfigError
+
+    try:
+        args.fn(args)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        # Input errors: one clear line, not a traceback deep inside a library.
+        print(f"peagle {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0

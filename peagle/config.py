@@ -1,0 +1,326 @@
+"""Typed run configuration, validated when loaded.
+
+A profile YAML (``config/tiny.yaml``, ``config/paper.yaml``) maps one-to-one onto the dataclasses
+below. Unknown keys, wrong types and out-of-range values are errors that name the file and the
+dotted key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.threads >= 1, "runtime.threads", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where prompts come from: ``synthetic`` (offline tiny data) or ``hf`` (the paper's sets)."""
+
+    source: Literal["synthetic", "hf"] = "synthetic"
+    n_train: int = 3000
+    n_eval: int = 40
+    # Hugging Face dataset names (see peagle.data.hf) used for training when source == "hf".
+    train_datasets: list[str] = field(default_factory=lambda: ["ultrachat", "gsm8k", "opencodeinstruct"])
+    # Optional local files in the HF schema, keyed by dataset name (offline mirrors).
+    data_files: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(self.n_train >= 1, "data.n_train", "must be >= 1")
+        _check(self.n_eval >= 1, "data.n_eval", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Pretraining of the tiny target (ignored for ``target.kind: hf``)."""
+
+    steps: int = 600
+    seq_len: int = 256
+    batch_size: int = 8
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    tokenizer_vocab_size: int = 2048
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "target.pretrain.steps", "must be >= 1")
+        _check(self.seq_len >= 8, "target.pretrain.seq_len", "must be >= 8")
+        _check(self.lr > 0, "target.pretrain.lr", "must be > 0")
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """The frozen target LM: a tiny one built and pretrained here, or a Hugging Face model."""
+
+    kind: Literal["tiny", "hf"] = "tiny"
+    name: str = "tiny-llama"
+    path: str | None = None  # HF id or local dir (kind: hf)
+    architecture: str = "llama"
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    intermediate_size: int = 768
+    vocab_size: int = 2048
+    max_position_embeddings: int = 2048
+    aux_layer_ids: list[int] | None = None
+    mask_token_id: int | None = None
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.kind == "hf":
+            _check(bool(self.path), "target.path", "a Hugging Face id or local dir is required for kind: hf")
+        _check(self.hidden_size % self.num_heads == 0, "target.hidden_size", "must be divisible by target.num_heads")
+        if self.aux_layer_ids is not None:
+            ids = self.aux_layer_ids
+            _check(len(ids) == 3 and len(set(ids)) == 3, "target.aux_layer_ids", f"need three distinct ids, got {ids}")
+            _check(all(0 <= i < self.num_layers for i in ids), "target.aux_layer_ids",
+                   f"ids must lie in [0, {self.num_layers}), got {ids}")
+
+
+@dataclass(frozen=True)
+class RespondConfig:
+    """Greedy regeneration of training responses by the target."""
+
+    max_new_tokens: int = 384
+    batch_size: int = 16
+    n_prompts: int | None = None  # None: every training prompt
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 1, "respond.max_new_tokens", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class HiddenConfig:
+    shard_tokens: int = 200_000
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    """Drafter architecture (width and vocabulary follow the target)."""
+
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    intermediate_size: int = 768
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    embed_trainable: bool = True
+    lm_head_trainable: bool = False
+    # How MTP (mask) slots get their hidden input; "shared" is P-EAGLE's learnable h_shared.
+    hidden_variant: Literal["shared"] = "shared"
+
+    def __post_init__(self) -> None:
+        _check(self.num_layers >= 1, "drafter.num_layers", "must be >= 1")
+        _check(self.num_heads % self.num_kv_heads == 0, "drafter.num_kv_heads", "must divide drafter.num_heads")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Drafter training (DESIGN §3-4)."""
+
+    k_train: int = 8
+    retention: float = 0.8
+    retention_min: float = 0.0
+    epochs: int = 2
+    lr: float = 1e-4
+    warmup_ratio: float = 0.0025
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    grad_accum: int = 8
+    mask_strategy: Literal["amortized", "pard", "reference"] = "amortized"
+    max_mask_len: int = 8192
+    loss: Literal["kl", "ce"] = "kl"
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.k_train >= 1, "train.k_train", "must be >= 1")
+        _check(0 < self.retention <= 1, "train.retention", "must be in (0, 1]")
+        _check(0 <= self.retention_min <= 1, "train.retention_min", "must be in [0, 1]")
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
+        _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    k: int = 5
+    max_new_tokens: int = 256
+    n_prompts: int | None = None  # None: the whole evaluation set
+    sets: list[str] = field(default_factory=lambda: ["mt_bench", "humaneval", "gsm8k"])
+    # Prompts on which the engine's output is also checked against plain greedy decoding.
+    lossless_check_prompts: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.k >= 1, "eval.k", "must be >= 1")
+        bad = sorted(set(self.sets) - {"mt_bench", "humaneval", "gsm8k"})
+        _check(not bad, "eval.sets", f"unknown evaluation sets {bad}; use mt_bench, humaneval, gsm8k")
+
+
+@dataclass(frozen=True)
+class Table1Config:
+    """Acceptance length against training context length (paper Table 1)."""
+
+    contexts: list[int] = field(default_factory=lambda: [1024, 4096, 8192, 20480])
+    # The paper's context each column stands for (same order as ``contexts``).
+    paper_contexts: list[int] = field(default_factory=lambda: [1024, 4096, 8192, 20480])
+    eval_set: str = "mt_bench"
+    k: int = 5
+    methods: list[str] = field(default_factory=lambda: ["peagle"])
+
+    def __post_init__(self) -> None:
+        _check(len(self.contexts) == len(self.paper_contexts), "table1.paper_contexts",
+               "must have one entry per table1.contexts entry")
+        _check(all(c >= 8 for c in self.contexts), "table1.contexts", "each context must be >= 8 tokens")
+        bad = sorted(set(self.methods) - {"peagle"})
+        _check(not bad, "table1.methods", f"unknown methods {bad}; available: peagle")
+
+
+@dataclass(frozen=True)
+class Config:
+    profile: str
+    results_dir: str
+    seed: int = 0
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    respond: RespondConfig = field(default_factory=RespondConfig)
+    hidden: HiddenConfig = field(default_factory=HiddenConfig)
+    drafter: DrafterConfig = field(default_factory=DrafterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    table1: Table1Config = field(default_factory=Table1Config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), key, f"expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for alt in args:
+            if alt is type(None):
+                continue
+            try:
+                return _coerce(value, alt, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
+    if origin is Literal:
+        _check(value in args, key, f"{value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        _check(isinstance(value, list), key, f"expected a list, got {type(value).__name__}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _check(isinstance(value, dict), key, f"expected a mapping, got {type(value).__name__}")
+        return {_coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+               f"expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp} at {key}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]} (valid keys here: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required field is missing
+        raise ConfigError(f"{prefix or 'config'}: {err}") from None
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    return _build(Config, raw, "")
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_config_files(*paths: str | Path) -> dict[str, Any]:
+    """Read one or more YAML files, later ones deep-merged over earlier ones (no validation)."""
+    merged: dict[str, Any] = {}
+    for path in map(Path, paths):
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found (profiles live in config/, e.g. config/tiny.yaml)") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        merged = _deep_merge(merged, raw)
+    return merged
+
+
+def load_config(*paths: str | Path) -> Config:
+    """Load and validate a profile YAML (plus optional overlays); errors name the files and key."""
+    if not paths:
+        raise ConfigError("no config file given (e.g. config/tiny.yaml)")
+    raw = read_config_files(*paths)
+    try:
+        return config_from_dict(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{', '.join(map(str, paths))}: {err}") from None

@@ -1,0 +1,231 @@
+"""The P-EAGLE drafter (DESIGN §2): an EAGLE-3-style Llama head that drafts K tokens in one pass.
+
+Shapes: B batch, L elements, H target hidden size, V vocabulary. Parameter names follow vLLM's
+``LlamaForCausalLMEagle3`` so ``state_dict()`` is the exported checkpoint as it is (DESIGN §7).
+
+Layer 0 sees ``concat(input_layernorm(embed), hidden_norm(h))`` (width 2H) with the un-normed
+hidden half ``h`` as its residual (``norm_before_residual: false``); later layers are plain Llama
+layers. ``h`` is ``fc(g)`` for real rows and ``fc(mask_hidden)`` for mask (MTP) slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DrafterSpec:
+    """Everything needed to rebuild a drafter; stored in its checkpoint."""
+
+    hidden_size: int
+    vocab_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    mask_token_id: int
+    aux_layer_ids: list[int] = field(default_factory=list)
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    mask_hidden_init_std: float = 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 like the Llama reference so bf16 runs match fp32 ones closely.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * xf).to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """positions [B, L] -> cos, sin [B, 1, L, head_dim] (Llama's half-split rotary layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.to(torch.float32)[..., None] * inv_freq  # [B, L, hd/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Per-layer keys/values [B, kv_heads, T, head_dim]; ``crop`` drops rejected or mask slots."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def crop(self, length: int) -> None:
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k is not None:
+                self.keys[i], self.values[i] = k[:, :, :length], v[:, :, :length]
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: DrafterSpec, in_dim: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.q_proj = nn.Linear(in_dim, spec.num_heads * spec.head_dim, bias=False)
+        self.k_proj = nn.Linear(in_dim, spec.num_kv_heads * spec.head_dim, bias=False)
+        self.v_proj = nn.Linear(in_dim, spec.num_kv_heads * spec.head_dim, bias=False)
+        self.o_proj = nn.Linear(spec.num_heads * spec.head_dim, spec.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask, cache: KVCache | None, layer: int):
+        """x [B, L, in_dim]; attn_mask bool [B, L, L_keys] (True = attend); -> [B, L, H]."""
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(layer, k, v)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask[:, None], enable_gqa=self.num_kv_heads != self.num_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: DrafterSpec, first: bool) -> None:
+        super().__init__()
+        h = spec.hidden_size
+        self.first = first
+        self.input_layernorm = RMSNorm(h, spec.rms_norm_eps)
+        if first:
+            self.hidden_norm = RMSNorm(h, spec.rms_norm_eps)
+        self.self_attn = Attention(spec, 2 * h if first else h)
+        self.post_attention_layernorm = RMSNorm(h, spec.rms_norm_eps)
+        self.mlp = MLP(h, spec.intermediate_size)
+
+    def forward(self, h, embeds, cos, sin, attn_mask, cache, layer):
+        if self.first:
+            x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(h)], dim=-1)
+        else:
+            x = self.input_layernorm(h)
+        h = h + self.self_attn(x, cos, sin, attn_mask, cache, layer)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def causal_mask_with_cache(new: int, cached: int, batch: int, device) -> torch.Tensor:
+    """bool [B, new, cached + new]: each new element sees the cache and new elements up to itself."""
+    m = torch.ones(new, cached + new, dtype=torch.bool, device=device).tril(diagonal=cached)
+    return m.expand(batch, -1, -1)
+
+
+class PEagleDrafter(nn.Module):
+    """fc (3H->H) + token embedding + N decoder layers + final norm + LM head + ``mask_hidden``."""
+
+    def __init__(self, spec: DrafterSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        h = spec.hidden_size
+        self.fc = nn.Linear(3 * h, h, bias=False)
+        self.embed_tokens = nn.Embedding(spec.vocab_size, h)
+        self.layers = nn.ModuleList(DecoderLayer(spec, first=i == 0) for i in range(spec.num_layers))
+        self.norm = RMSNorm(h, spec.rms_norm_eps)
+        self.lm_head = nn.Linear(h, spec.vocab_size, bias=False)
+        # One learnable 3H vector shared by every depth: the hidden input of all mask slots.
+        self.mask_hidden = nn.Parameter(torch.randn(1, 1, 3 * h) * spec.mask_hidden_init_std)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+
+    def forward_hidden(
+        self,
+        input_ids: torch.Tensor,
+        hidden: torch.Tensor | None,
+        is_mask: torch.Tensor,
+        positions: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final normed hidden states [B, L, H].
+
+        input_ids [B, L]; hidden [B, L, 3H] target features (ignored where ``is_mask``; may be None
+        when every element is a mask slot); is_mask bool [B, L]; positions [B, L] (anchor + depth);
+        attn_mask bool [B, L, L_keys], or None for causal attention over ``cache`` + these elements.
+        """
+        b, n = input_ids.shape
+        mask_h = self.fc(self.mask_hidden)  # [1, 1, H]
+        if hidden is None:
+            h = mask_h.expand(b, n, -1)
+        else:
+            h = torch.where(is_mask[..., None], mask_h, self.fc(hidden.to(mask_h.dtype)))
+        embeds = self.embed_tokens(input_ids)
+        if attn_mask is None:
+            attn_mask = causal_mask_with_cache(n, 0 if cache is None else cache.length, b, input_ids.device)
+        cos, sin = rope_cos_sin(positions, self.spec.head_dim, self.spec.rope_theta, h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, embeds, cos, sin, attn_mask, cache, i)
+        return self.norm(h)
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        """Logits [B, L, V]; same arguments as :meth:`forward_hidden`."""
+        return self.lm_head(self.forward_hidden(*args, **kwargs))
+
+
+def build_drafter(spec: DrafterSpec, embed: torch.Tensor | None = None, lm_head: torch.Tensor | None = None,
+                  seed: int = 0) -> PEagleDrafter:
+    """A freshly initialised drafter; ``embed``/``lm_head`` [V, H] are copied from the target if given."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = PEagleDrafter(spec)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    with torch.no_grad():
+        if embed is not None:
+            model.embed_tokens.weight.copy_(embed)
+        if lm_head is not None:
+            model.lm_head.weight.copy_(lm_head)
+    return model
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+

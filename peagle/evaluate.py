@@ -1,0 +1,99 @@
+"""Acceptance-length evaluation of a trained drafter with the suite's own engine (DESIGN §6)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from peagle.config import Config
+
+
+class EvaluationError(ValueError):
+    """The drafter and target do not fit together, or the request is impossible."""
+
+
+def check_compatible(drafter_cfg: dict[str, Any], target_info: dict[str, Any], k: int, drafter_dir: Path) -> None:
+    """Fail before decoding when the drafter was trained for another target or a smaller K."""
+    path = drafter_dir / "config.json"
+    if drafter_cfg["hidden_size"] != target_info["hidden_size"]:
+        raise EvaluationError(f"{path}: hidden_size {drafter_cfg['hidden_size']} != target's {target_info['hidden_size']}")
+    if list(drafter_cfg["eagle_aux_hidden_state_layer_ids"]) != list(target_info["aux_layer_ids"]):
+        raise EvaluationError(f"{path}: aux layer ids {drafter_cfg['eagle_aux_hidden_state_layer_ids']} != "
+                              f"target's {target_info['aux_layer_ids']}")
+    k_train = drafter_cfg["peagle"].get("k_train")
+    if k_train is not None and k > k_train:
+        raise EvaluationError(f"{path}: K={k} exceeds the {k_train} depths this drafter was trained for; "
+                              f"evaluate with k <= {k_train} or retrain with a larger train.k_train")
+
+
+def evaluate_drafter(
+    cfg: Config,
+    target_json: str | Path,
+    drafter_dir: str | Path,
+    prompts_path: str | Path,
+    k: int,
+    *,
+    n_prompts: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+) -> dict[str, Any]:
+    """Speculative decoding over an evaluation set; returns acceptance figures and timings."""
+    from tqdm import tqdm
+
+    from peagle.checkpoint import load_drafter, read_config
+    from peagle.data.schema import read_prompts
+    from peagle.spec_decode import DecodeStats, PEagleProposer, SpeculativeDecoder, TargetRunner, greedy_generate
+    from peagle.target import load_target, render_prompt_ids
+
+    torch.set_num_threads(cfg.runtime.threads)
+    device, dtype = torch.device(cfg.runtime.device), getattr(torch, cfg.runtime.dtype)
+    drafter_dir = Path(drafter_dir)
+    model, tokenizer, info = load_target(target_json, device=device, dtype=dtype)
+    check_compatible(read_config(drafter_dir), info, k, drafter_dir)
+    drafter, dcfg = load_drafter(drafter_dir, device=device, dtype=dtype)
+
+    records = read_prompts(prompts_path)
+    n_prompts = n_prompts if n_prompts is not None else cfg.eval.n_prompts
+    records = records[:n_prompts] if n_prompts else records
+    runner = TargetRunner(model, info["aux_layer_ids"])
+    engine = SpeculativeDecoder(runner, PEagleProposer(drafter), k=k, eos_id=info.get("eos_token_id"))
+    total = DecodeStats(k)
+    lossless = []
+    t0 = time.perf_counter()
+    for i, rec in enumerate(tqdm(records, desc=f"evaluate K={k}", disable=not progress, file=sys.stderr)):
+        prompt = render_prompt_ids(tokenizer, rec.turns[0])
+        out, stats = engine.generate(prompt, cfg.eval.max_new_tokens)
+        total.merge(stats)
+        if i < cfg.eval.lossless_check_prompts:
+            ref = greedy_generate(runner, prompt, cfg.eval.max_new_tokens, info.get("eos_token_id"))
+            lossless.append({"id": rec.id, "equal": out == ref,
+                             "first_difference": next((j for j, (a, b) in enumerate(zip(out, ref)) if a != b), None)})
+    wall = time.perf_counter() - t0
+    if not all(c["equal"] for c in lossless):
+        log(f"WARNING: speculative output differs from greedy decoding on {lossless}")
+    result = {
+        "drafter": str(drafter_dir),
+        "method": dcfg["peagle"].get("method"),
+        "ctx": dcfg["peagle"].get("ctx"),
+        "drafter_layers": drafter.spec.num_layers,
+        "target": info["path"],
+        "eval_set": Path(prompts_path).stem.removeprefix("eval_"),
+        "k": k,
+        "prompts": len(records),
+        "acceptance_length": total.acceptance_length,
+        "per_position_acceptance": total.per_position_acceptance(),
+        "rounds": total.rounds,
+        "new_tokens": total.new_tokens,
+        "draft_s": total.draft_s,
+        "verify_s": total.verify_s,
+        "wall_s": wall,
+        "output_tokens_per_s": total.new_tokens / wall if wall else None,
+        "lossless_checks": lossless,
+    }
+    log(f"acceptance length {result['acceptance_length']:.3f} over {len(records)} prompts (K={k})")
+    return result
+
