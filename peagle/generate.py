@@ -47,13 +47,16 @@ def cut_at_eos(tokens: Sequence[int], eos_ids: Sequence[int], limit: int | None 
 
 
 def generate_greedy_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                          eos_ids: Sequence[int], pad_id: int) -> list[list[int]]:
+                          eos_ids: Sequence[int], pad_id: int,
+                          cache_implementation: str | None = "static") -> list[list[int]]:
     """Greedy continuations of ``prompts`` in one left-padded HF ``generate`` call.
 
     Input ``[B, P]`` (left padding, attention mask 0 on pads) -> per prompt the new tokens cut
     after the first EOS. Left padding keeps every prompt's last token in the final column, so all
     rows decode in lock-step; the mask (and the position ids generate derives from it) makes the
-    result equal to unpadded batch-1 decoding up to float rounding.
+    result equal to unpadded batch-1 decoding up to float rounding. ``cache_implementation``
+    "static" preallocates the KV cache (about 1.6-2x faster on CPU than the default dynamic cache,
+    which re-concatenates every step); None uses the model's default.
     """
     import torch
     from transformers import GenerationConfig
@@ -69,6 +72,11 @@ def generate_greedy_batch(model, prompts: Sequence[Sequence[int]], max_new_token
     gc = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=int(max_new_tokens),
                           eos_token_id=list(eos_ids), pad_token_id=int(pad_id),
                           temperature=None, top_p=None, top_k=None)
+    if cache_implementation:
+        gc.cache_implementation = cache_implementation
+    # With a static cache on GPU, transformers would torch.compile the forward and recompile for
+    # every new batch shape (prompt widths vary): keep generation eager and predictable.
+    gc.disable_compile = True
     with torch.no_grad():
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                              generation_config=gc)
@@ -78,6 +86,7 @@ def generate_greedy_batch(model, prompts: Sequence[Sequence[int]], max_new_token
 
 def regenerate_responses(model, tokenizer, records: Sequence[Any], max_new_tokens: int,
                          batch_size: int, out_path: str | Path, *,
+                         cache_implementation: str | None = "static",
                          progress: bool = True) -> dict[str, Any]:
     """Greedily regenerate a response for every record and write the responses JSONL atomically.
 
@@ -127,7 +136,8 @@ def regenerate_responses(model, tokenizer, records: Sequence[Any], max_new_token
             idx = order[b:b + batch_size]
             prompts = [items[i][1] for i in idx]
             limits = [min(max_new_tokens, max_pos - len(p)) for p in prompts]
-            outs = generate_greedy_batch(model, prompts, max(limits), eos_ids, pad_id)
+            outs = generate_greedy_batch(model, prompts, max(limits), eos_ids, pad_id,
+                                         cache_implementation)
             for i, o, lim in zip(idx, outs, limits):
                 responses[i] = o[:lim]
                 n_new += len(responses[i])
@@ -148,7 +158,8 @@ def regenerate_responses(model, tokenizer, records: Sequence[Any], max_new_token
     return {"num_prompts": len(items), "num_stopped_at_eos": stopped,
             "num_hit_max_new_tokens": len(items) - stopped, "response_tokens": n_new,
             "mean_response_len": (sum(lens) / len(lens)) if lens else 0.0,
-            "max_new_tokens": max_new_tokens, "batch_size": batch_size, "wall_s": wall,
+            "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+            "cache_implementation": cache_implementation, "wall_s": wall,
             "tokens_per_s": n_new / max(wall, 1e-9), "threads": torch.get_num_threads(),
             "out_path": str(out_path)}
 

@@ -7,6 +7,7 @@ Public API
 - ``pretrain_tiny_target(...)``: packed next-token pretraining, saves ``out_dir/model``.
 - ``default_aux_layer_ids(L)`` / ``validate_aux_layer_ids(ids, L)``.
 - ``write_target_json(...)`` / ``load_target(target_json)`` / ``resolve_hf_target(hf_id, ...)``.
+- ``make_tiny_target(out_dir, train_records, eval_records, arch, ...)``: the whole tiny stage.
 - ``render_prompt_ids(tokenizer, text)`` / ``render_training_example(tokenizer, record)``: the one
   place where prompts become token ids (chat template with generation prompt).
 
@@ -727,6 +728,51 @@ def resolve_hf_target(hf_id: str, out_path: str | Path, *, num_layers: int | Non
                              hidden_size=hidden_size, vocab_size=vocab_size,
                              aux_layer_ids=aux_layer_ids, mask_token_id=mask_token_id,
                              eos_token_id=eos_token_id, heldout_next_token_accuracy=None, **extra)
+
+
+def make_tiny_target(out_dir: str | Path, train_records: Sequence[Any], eval_records: Sequence[Any],
+                     arch: TinyTargetConfig, *, vocab_size: int, steps: int, seq_len: int,
+                     batch_size: int, lr: float, warmup: int, seed: int = 0,
+                     aux_layer_ids: Sequence[int] | None = None, name: str = "tiny-llama",
+                     num_threads: int | None = None, progress: bool = True,
+                     **pretrain_kw: Any) -> dict[str, Any]:
+    """The whole tiny-target stage: tokenizer on the training prompts + references, build,
+    pretrain, save ``out_dir/model``, write ``out_dir/target.json``; returns its contents.
+
+    ``aux_layer_ids=None`` takes ``default_aux_layer_ids``. Extra keywords go to
+    ``pretrain_tiny_target``.
+    """
+    out_dir = Path(out_dir)
+    texts: list[str] = []
+    for r in train_records:
+        turns = _record_field(r, "turns") or []
+        texts.extend(t for t in turns if t)
+        ref = _record_field(r, "reference")
+        if ref:
+            texts.append(ref)
+    tokenizer = train_tokenizer(texts, vocab_size, model_max_length=arch.max_position_embeddings)
+    model = build_tiny_target(arch, tokenizer)
+    metrics = pretrain_tiny_target(
+        model, tokenizer, train_records, eval_records, steps=steps, seq_len=seq_len,
+        batch_size=batch_size, lr=lr, warmup=warmup, seed=seed, out_dir=out_dir,
+        log=out_dir / "pretrain_log.jsonl", num_threads=num_threads, progress=progress,
+        **pretrain_kw)
+    cfg = model.config
+    return write_target_json(
+        out_dir / "target.json", path=out_dir / "model", kind="tiny",
+        num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, vocab_size=len(tokenizer),
+        aux_layer_ids=aux_layer_ids, mask_token_id=tokenizer.mask_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        heldout_next_token_accuracy=metrics["heldout_next_token_accuracy"], name=name,
+        architecture=arch.architecture, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=arch.resolved_head_dim(),
+        intermediate_size=arch.intermediate_size,
+        max_position_embeddings=arch.max_position_embeddings, rope_theta=arch.rope_theta,
+        bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+        num_parameters=metrics["num_parameters"],
+        pretrain={k: metrics[k] for k in ("steps", "seq_len", "batch_size", "lr", "tokens_seen",
+                                         "train_loss_first", "train_loss_last", "heldout_loss",
+                                         "heldout_tokens", "tokens_per_s", "wall_s")})
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:

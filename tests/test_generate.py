@@ -56,9 +56,11 @@ def test_batched_equals_single_and_eos(model, tmp_path):
                                   out_path=tmp_path / "single.jsonl", progress=False)
     stats4 = regenerate_responses(model, tok, records, max_new_tokens=16, batch_size=4,
                                   out_path=tmp_path / "batched.jsonl", progress=False)
+    regenerate_responses(model, tok, records, max_new_tokens=16, batch_size=3,
+                         out_path=tmp_path / "dynamic.jsonl", cache_implementation=None, progress=False)
     single = read_responses(tmp_path / "single.jsonl")
     batched = read_responses(tmp_path / "batched.jsonl")
-    assert single == batched
+    assert single == batched == read_responses(tmp_path / "dynamic.jsonl")
     assert [r["id"] for r in batched] == [f"p{i}" for i in range(len(PROMPTS))]  # input order
     assert [r["prompt_ids"] for r in batched] == PROMPTS
     stopped = 0

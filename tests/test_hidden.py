@@ -134,3 +134,29 @@ def test_shifted_rows_hand_built():
     assert all(v.shape[0] == 0 for v in one.values())
     with pytest.raises(ValueError, match="loss_mask"):
         shifted_rows(dict(seq, loss_mask=seq["loss_mask"][:3]))
+
+
+def test_greedy_responses_agree_with_extracted_states(model, tmp_path):
+    """Cross-module check: for greedy responses, lm_head(last_hidden[t]) picks x[t+1] on every
+    response token, i.e. generation (left-padded, batched) and extraction see the same sequence."""
+    from types import SimpleNamespace
+
+    from peagle.generate import regenerate_responses
+
+    m = model.double()
+    try:
+        prompts = [{"id": f"q{i}", "prompt_ids": [1] + list(range(3 + i, 9 + 2 * i))} for i in range(5)]
+        regenerate_responses(m, SimpleNamespace(eos_token_id=2, pad_token_id=0), prompts, 12, 3,
+                             tmp_path / "r.jsonl", progress=False)
+        extract_hidden_states(m, tmp_path / "r.jsonl", AUX, tmp_path / "H", 10_000, "float64", "t",
+                              progress=False)
+        ds = HiddenStateDataset(tmp_path / "H")
+        for i in range(len(ds)):
+            rows = shifted_rows(ds[i])
+            with torch.no_grad():
+                pred = m.lm_head(rows["target_hidden"]).argmax(-1)  # row i predicts x_{i+2}
+            x = ds[i]["input_ids"]
+            gate = rows["loss_mask"][:-1].bool()  # response rows whose x_{i+2} exists
+            assert torch.equal(pred[:-1][gate], x[2:][gate])
+    finally:
+        model.float()

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from peagle.target import (MASK_TOKEN, SPECIAL_TOKENS, TinyTargetConfig, build_tiny_target,
-                           default_aux_layer_ids, load_target, pack_sequences, pretrain_tiny_target,
+                           default_aux_layer_ids, load_target, make_tiny_target, pack_sequences,
+                           pretrain_tiny_target,
                            read_target_json, render_prompt_ids, render_training_example,
                            resolve_hf_target, train_tokenizer, validate_aux_layer_ids,
                            write_target_json)
@@ -178,3 +179,15 @@ def test_resolve_hf_target_offline(tmp_path):
     with pytest.raises(ValueError, match="mask_token_id"):
         resolve_hf_target("x/y", tmp_path / "t2.json", num_layers=4, hidden_size=8, vocab_size=10,
                           mask_token_id=10)
+
+
+def test_make_tiny_target_stage(records, tmp_path):
+    info = make_tiny_target(tmp_path / "T", records[:100], records[100:110], TinyTargetConfig(**SMALL),
+                            vocab_size=350, steps=3, seq_len=32, batch_size=2, lr=1e-3, warmup=1,
+                            progress=False)
+    assert info == read_target_json(tmp_path / "T" / "target.json")
+    assert info["kind"] == "tiny" and info["path"] == "model" and info["mask_token_id"] == 5
+    assert info["aux_layer_ids"] == [1, 2, 3] and info["eos_token_id"] == 2
+    assert (tmp_path / "T" / "pretrain_log.jsonl").read_text().count("\n") >= 1
+    model, tok, _ = load_target(tmp_path / "T" / "target.json")
+    assert len(tok) == info["vocab_size"] and model.config.num_hidden_layers == 4

@@ -1,0 +1,37 @@
+# Entry points (the README's commands). Every target first runs ./setup.sh, which is a no-op
+# when .venv is already up to date.
+#
+#   make table1          tiny profile end to end on this machine -> paper_tables/table1.csv
+#   make test            the test suite (slow workflow tests included)
+#   make dry-run-paper   plan the paper profile on SLURM without running anything
+#   make clean           remove the tiny profile's results, logs, benchmarks and .snakemake/
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := table1
+
+VENV := .venv
+# .venv/bin first on PATH so that the rules' `python` is the venv's.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+SNAKEMAKE := $(VENV)/bin/snakemake
+
+.PHONY: setup table1 test dry-run-paper lint clean
+
+setup:
+	./setup.sh
+
+table1: setup
+	$(SNAKEMAKE) --cores all paper_tables/table1.csv
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+dry-run-paper: setup
+	$(SNAKEMAKE) paper_tables/table1.csv -n --profile profiles/slurm --configfile config/paper.yaml
+
+lint: setup
+	$(SNAKEMAKE) --lint
+
+# Only the tiny profile's outputs; results/paper and paper_tables/ are kept.
+clean:
+	rm -rf results/tiny logs/tiny benchmarks/tiny .snakemake

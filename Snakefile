@@ -1,0 +1,54 @@
+# peagle: the P-EAGLE reproduction pipeline.
+#
+#   snakemake --cores all paper_tables/table1.csv                                   # tiny, CPU
+#   snakemake paper_tables/table1.csv --profile profiles/slurm --configfile config/paper.yaml
+#
+# Put targets BEFORE --configfile: it takes one or more values and would swallow a target after it.
+#
+# Every rule is a thin `shell:` call of the package CLI (`python -m peagle <stage> ...`); the
+# stages and the files between them are described in docs/ARCHITECTURE.md.
+#
+# Configuration: `config/tiny.yaml` is the default and each `--configfile F` is deep-merged over it
+# in the order given (Snakemake 9 semantics), except that a file with a top-level `profile:` key
+# (config/tiny.yaml, config/paper.yaml) is a complete profile and starts the merge afresh, so
+# tiny.yaml settings never leak into a paper run; files without `profile:` are overlays. The CLI
+# receives exactly the files in effect, in merge order (`--config config/paper.yaml --config
+# overlay.yaml`), so the Snakefile and every job see the same config. `--config KEY=VALUE`
+# overrides are refused (the CLI would not see them): put them in a small YAML file and pass it
+# with --configfile. The merged config is validated before any job runs, against
+# workflow/schemas/config.schema.yaml and peagle.config; see workflow/rules/common.smk.
+
+from snakemake.utils import min_version
+
+min_version("9.19")
+
+configfile: "config/tiny.yaml"
+
+
+# Before the includes: global constraints apply to the rules defined after them.
+wildcard_constraints:
+    method=r"[a-z0-9]+",
+    ctx=r"\d+",
+    k=r"\d+",
+    evalset=r"[a-z0-9_]+",
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/target.smk"
+include: "workflow/rules/hidden.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/tables.smk"
+
+
+localrules:
+    all,
+    table1,
+
+
+rule all:
+    default_target: True
+    input:
+        TABLE1_CSV,
+        TABLE1_PROVENANCE,

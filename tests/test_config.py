@@ -1,0 +1,386 @@
+"""Profiles load; bad keys and types fail naming the key; the JSON schema mirrors the dataclasses.
+
+The schema (workflow/schemas/config.schema.yaml) is what Snakemake validates at parse time, the
+dataclasses (peagle.config) are what the CLI validates: the walks below fail as soon as the two
+drift apart (a field in one and not the other, a different type, enum or default).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import jsonschema
+import pytest
+import yaml
+
+from peagle.config import Config, ConfigError, config_from_dict, load_config, read_config_files
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "config" / "tiny.yaml"
+PAPER = ROOT / "config" / "paper.yaml"
+SMOKE = ROOT / "tests" / "fixtures" / "smoke.yaml"
+SCHEMA_PATH = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict[str, Any]:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+@pytest.fixture(scope="module")
+def validator(schema):
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def _write(tmp_path: Path, name: str, data: Any) -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+# --------------------------------------------------------------------------- profiles
+
+
+def test_tiny_profile_loads():
+    cfg = load_config(TINY)
+    assert cfg.profile == "tiny"
+    assert cfg.results_dir == "results/tiny"
+    assert cfg.runtime.device == "cpu"
+    assert cfg.data.source == "synthetic"
+    assert cfg.target.kind == "tiny"
+    assert len(cfg.table1.contexts) == len(cfg.table1.paper_contexts)
+
+
+def test_paper_profile_loads():
+    cfg = load_config(PAPER)
+    assert cfg.profile == "paper"
+    assert cfg.results_dir == "results/paper"
+    assert cfg.runtime.device.startswith("cuda")
+    assert cfg.target.kind == "hf" and cfg.target.path
+    assert cfg.table1.contexts == [1024, 4096, 8192, 20480]
+    # The paper profile is complete on its own: no tiny settings (see workflow/rules/common.smk).
+    assert cfg.respond.n_prompts is None
+    assert cfg.eval.n_prompts is None
+
+
+def test_overlay_deep_merges_in_order():
+    raw = read_config_files(TINY, SMOKE)
+    cfg = config_from_dict(raw)
+    assert cfg.profile == "tiny"  # from tiny.yaml
+    assert cfg.results_dir == "results/smoke"  # from the overlay
+    assert cfg.target.pretrain.steps == 4  # nested key from the overlay
+    assert cfg.target.pretrain.lr == load_config(TINY).target.pretrain.lr  # sibling kept
+
+
+@pytest.mark.parametrize("profile", [TINY, PAPER])
+def test_profiles_pass_the_schema(validator, profile):
+    errors = [e.message for e in validator.iter_errors(read_config_files(profile))]
+    assert errors == []
+
+
+def test_smoke_overlay_passes_the_schema(validator):
+    assert [e.message for e in validator.iter_errors(read_config_files(TINY, SMOKE))] == []
+
+
+# --------------------------------------------------------------------------- errors name key and file
+
+
+def test_unknown_key_names_dotted_key_and_file(tmp_path):
+    text, n = re.subn(r"(?m)^  epochs:", "  epoch:", TINY.read_text())
+    assert n == 1
+    bad = _write(tmp_path, "typo.yaml", text)
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    msg = str(err.value)
+    assert "train.epoch" in msg
+    assert str(bad) in msg
+
+
+def test_unknown_key_in_overlay_names_the_overlay(tmp_path):
+    overlay = _write(tmp_path, "overlay.yaml", {"train": {"epoch": 3}})
+    with pytest.raises(ConfigError, match=r"unknown key train\.epoch") as err:
+        load_config(TINY, overlay)
+    assert str(overlay) in str(err.value)
+
+
+def test_unknown_top_level_key(tmp_path):
+    overlay = _write(tmp_path, "overlay.yaml", {"trian": {"epochs": 3}})
+    with pytest.raises(ConfigError, match=r"unknown key trian\b"):
+        load_config(TINY, overlay)
+
+
+@pytest.mark.parametrize(
+    "overlay, key",
+    [
+        ({"train": {"lr": "fast"}}, "train.lr"),
+        ({"runtime": {"threads": 2.5}}, "runtime.threads"),
+        ({"target": {"pretrain": {"steps": "many"}}}, "target.pretrain.steps"),
+        ({"table1": {"contexts": [64, "256"]}}, "table1.contexts[1]"),
+        ({"drafter": {"embed_trainable": "yes"}}, "drafter.embed_trainable"),
+        ({"train": {"mask_strategy": "magic"}}, "train.mask_strategy"),
+        ({"train": "fast"}, "train"),
+    ],
+)
+def test_wrong_type_names_key(tmp_path, validator, overlay, key):
+    path = _write(tmp_path, "overlay.yaml", overlay)
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, path)
+    assert key in str(err.value)
+    assert str(path) in str(err.value)
+    assert list(validator.iter_errors(read_config_files(TINY, path))), f"schema accepts {overlay}"
+
+
+def test_schema_rejects_the_same_typo(validator):
+    raw = read_config_files(TINY)
+    raw["train"]["epoch"] = raw["train"].pop("epochs")
+    errors = list(validator.iter_errors(raw))
+    assert errors, "the schema accepted train.epoch"
+    assert any(e.validator == "additionalProperties" and list(e.absolute_path) == ["train"]
+               and "'epoch'" in e.message for e in errors), [e.message for e in errors]
+
+
+def test_missing_required_key_fails_in_both(validator):
+    raw = read_config_files(TINY)
+    del raw["results_dir"]
+    with pytest.raises(ConfigError, match="results_dir"):
+        config_from_dict(raw)
+    assert any(e.validator == "required" for e in validator.iter_errors(raw))
+
+
+def test_data_files_is_an_open_mapping_in_both(validator):
+    raw = read_config_files(TINY)
+    raw["data"]["data_files"] = {"ultrachat": "/data/ultrachat.jsonl", "my_set": "x.jsonl"}
+    assert config_from_dict(raw).data.data_files["my_set"] == "x.jsonl"
+    assert list(validator.iter_errors(raw)) == []
+    raw["data"]["data_files"] = {"ultrachat": 3}
+    with pytest.raises(ConfigError, match=r"data\.data_files\.ultrachat"):
+        config_from_dict(raw)
+    assert list(validator.iter_errors(raw))
+
+
+# --------------------------------------------------------------------------- schema <-> dataclasses
+
+_SCALARS = {int: "integer", float: "number", str: "string", bool: "boolean"}
+
+# Keys typed ``list[str]`` in the dataclass whose values __post_init__ restricts to a fixed set;
+# the schema states that set as an enum (checked against the dataclass below).
+REFINED_ENUMS = {"eval.sets", "table1.methods"}
+
+
+def _annotation_shape(tp: Any) -> tuple:
+    """A comparable description of a dataclass field's annotation."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        assert len(rest) == 1 and len(args) == 2, f"unsupported union {tp}"
+        return ("nullable", _annotation_shape(rest[0]))
+    if origin is Literal:
+        return ("enum", frozenset(args))
+    if origin is list:
+        return ("array", _annotation_shape(args[0]))
+    if origin is dict:
+        assert args[0] is str, f"mapping keys must be strings: {tp}"
+        return ("map", _annotation_shape(args[1]))
+    assert tp in _SCALARS, f"unsupported annotation {tp}"
+    return (_SCALARS[tp],)
+
+
+def _schema_shape(node: dict[str, Any]) -> tuple:
+    """The same description, read from a schema node."""
+    if "enum" in node:
+        assert "type" not in node, f"enum node with a type: {node}"
+        return ("enum", frozenset(node["enum"]))
+    kinds = node["type"] if isinstance(node["type"], list) else [node["type"]]
+    nullable = "null" in kinds
+    kinds = [k for k in kinds if k != "null"]
+    assert len(kinds) == 1, f"unsupported type list {node['type']}"
+    kind = kinds[0]
+    if kind == "array":
+        shape: tuple = ("array", _schema_shape(node["items"]))
+    elif kind == "object":
+        assert "properties" not in node, "nested sections are compared by the walk"
+        assert isinstance(node.get("additionalProperties"), dict), "an open mapping needs a value schema"
+        shape = ("map", _schema_shape(node["additionalProperties"]))
+    else:
+        shape = (kind,)
+    return ("nullable", shape) if nullable else shape
+
+
+def _default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return field.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+def _walk(cls: type, node: dict[str, Any], prefix: str = ""):
+    """Yield (dotted key, problem) for every disagreement between ``cls`` and schema ``node``."""
+    where = prefix.rstrip(".") or "<top level>"
+    if node.get("type") != "object" or node.get("additionalProperties") is not False:
+        yield where, "schema section must be a closed object (type: object, additionalProperties: false)"
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    props = node.get("properties", {})
+    for name in sorted(set(fields) - set(props)):
+        yield prefix + name, "dataclass field missing from the schema"
+    for name in sorted(set(props) - set(fields)):
+        yield prefix + name, "schema property that is no dataclass field"
+    required = {n for n, f in fields.items() if _default(f) is dataclasses.MISSING}
+    if set(node.get("required", [])) != required:
+        yield where, f"schema required {sorted(node.get('required', []))} != dataclass {sorted(required)}"
+    hints = typing.get_type_hints(cls)
+    for name in sorted(set(fields) & set(props)):
+        key, tp, sub = prefix + name, hints[name], props[name]
+        if dataclasses.is_dataclass(tp):
+            yield from _walk(tp, sub, key + ".")
+            continue
+        try:
+            want, got = _annotation_shape(tp), _schema_shape(sub)
+        except (AssertionError, KeyError) as err:
+            yield key, f"cannot compare: {err!r}"
+            continue
+        if key in REFINED_ENUMS and want == ("array", ("string",)) and got[0] == "array" and got[1][0] == "enum":
+            pass  # see test_refined_enums_match_dataclass_checks
+        elif want != got:
+            yield key, f"type {got} in the schema, {want} in the dataclass"
+        default = _default(fields[name])
+        if default is dataclasses.MISSING:
+            if "default" in sub:
+                yield key, "required field with a schema default"
+        elif "default" not in sub:
+            yield key, f"schema has no default (dataclass: {default!r})"
+        elif json.dumps(sub["default"]) != json.dumps(default):
+            yield key, f"default {sub['default']!r} in the schema, {default!r} in the dataclass"
+
+
+def test_schema_mirrors_dataclasses(schema):
+    problems = [f"{key}: {problem}" for key, problem in _walk(Config, schema)]
+    assert problems == [], "\n".join(problems)
+
+
+@pytest.mark.parametrize("key", sorted(REFINED_ENUMS))
+def test_refined_enums_match_dataclass_checks(schema, validator, key):
+    path = tuple(key.split("."))
+    node = schema
+    for part in path:
+        node = node["properties"][part]
+    allowed = node["items"]["enum"]
+    for value in allowed:  # every value the schema allows, the dataclass allows
+        raw = _set(read_config_files(TINY), path, [value])
+        assert list(validator.iter_errors(raw)) == []
+        config_from_dict(raw)
+    raw = _set(read_config_files(TINY), path, ["no_such_value"])  # and both reject the rest
+    assert list(validator.iter_errors(raw))
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        config_from_dict(raw)
+
+
+def test_every_schema_object_is_closed(schema):
+    """additionalProperties: false everywhere, except open mappings that type their values."""
+    bad = []
+
+    def visit(node: Any, path: str) -> None:
+        if not isinstance(node, dict):
+            return
+        if node.get("type") == "object" or "properties" in node:
+            ap = node.get("additionalProperties")
+            if "properties" in node and ap is not False:
+                bad.append(path or "<top level>")
+            if "properties" not in node and not isinstance(ap, dict):
+                bad.append(path or "<top level>")
+        for key, value in node.get("properties", {}).items():
+            visit(value, f"{path}.{key}" if path else key)
+        if isinstance(node.get("items"), dict):
+            visit(node["items"], path + "[]")
+
+    visit(schema, "")
+    assert bad == []
+
+
+def _leaves(cls: type, prefix: tuple[str, ...] = ()):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _leaves(tp, prefix + (f.name,))
+        else:
+            yield prefix + (f.name,), tp
+
+
+def _wrong_value(tp: Any) -> Any:
+    shape = _annotation_shape(tp)
+    if shape[0] == "nullable":
+        shape = shape[1]
+    return {"integer": 2.5, "number": "fast", "string": 7, "boolean": "yes", "enum": "no-such-choice",
+            "array": "not-a-list", "map": ["not", "a", "mapping"]}[shape[0]]
+
+
+def _set(raw: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    node = out
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+    return out
+
+
+LEAVES = list(_leaves(Config))
+
+
+@pytest.mark.parametrize("path, tp", LEAVES, ids=[".".join(p) for p, _ in LEAVES])
+def test_both_reject_a_wrong_type_for_every_key(validator, path, tp):
+    key = ".".join(path)
+    raw = _set(read_config_files(TINY), path, _wrong_value(tp))
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw)
+    assert key in str(err.value)
+    assert list(validator.iter_errors(raw)), f"the schema accepts a wrong type for {key}"
+
+
+@pytest.mark.parametrize("section", sorted({p[0] for p, _ in LEAVES if len(p) > 1}) + ["target.pretrain"])
+def test_both_reject_an_unknown_key_in_every_section(validator, section):
+    path = tuple(section.split(".")) + ("no_such_key",)
+    raw = _set(read_config_files(TINY), path, 1)
+    with pytest.raises(ConfigError, match=rf"unknown key {section}\.no_such_key"):
+        config_from_dict(raw)
+    assert list(validator.iter_errors(raw))
+
+
+def _schema_bounds(schema: dict[str, Any]):
+    """(path, bad value) just outside every numeric bound the schema states for a scalar key."""
+
+    def visit(node: dict[str, Any], path: tuple[str, ...]):
+        for key, sub in node.get("properties", {}).items():
+            yield from visit(sub, path + (key,))
+        kinds = node.get("type") if isinstance(node.get("type"), list) else [node.get("type")]
+        step = 1 if "integer" in kinds else 0.5
+        if "minimum" in node:
+            yield path, node["minimum"] - step
+        if "exclusiveMinimum" in node:
+            yield path, node["exclusiveMinimum"]
+        if "maximum" in node:
+            yield path, node["maximum"] + step
+        if "exclusiveMaximum" in node:
+            yield path, node["exclusiveMaximum"]
+
+    return list(visit(schema, ()))
+
+
+def test_schema_bounds_are_dataclass_bounds(schema, validator):
+    """The schema is never stricter than the dataclasses (which would reject a config the CLI accepts)."""
+    bounds = _schema_bounds(schema)
+    assert bounds, "expected numeric bounds in the schema"
+    for path, value in bounds:
+        raw = _set(read_config_files(TINY), path, value)
+        assert list(validator.iter_errors(raw)), f"schema accepts {'.'.join(path)}={value}"
+        with pytest.raises(ConfigError):
+            config_from_dict(raw)

@@ -1,0 +1,248 @@
+"""The Snakemake workflow plans (dry runs) for both profiles, passes the right config files to
+the CLI, refuses bad configs at parse time, and lints clean.
+
+Every run here is a dry run (`-n`) in the repository root with `--forceall`, so the plan does not
+depend on what results/ already holds; a dry run starts no job and needs no network. The
+end-to-end smoke run of the DAG at minimal sizes is the placeholder at the bottom.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from peagle.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SNAKEMAKE = str(BIN / "snakemake") if (BIN / "snakemake").exists() else shutil.which("snakemake")
+RULES = {"data", "target", "respond", "extract", "train", "evaluate", "table1", "all"}
+GPU_RULES = {"respond", "extract", "train", "evaluate"}
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(SNAKEMAKE is None, reason="snakemake is not installed"),
+]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return env
+
+
+def snakemake(*args: str, dry_run: bool = True) -> subprocess.CompletedProcess:
+    """Run snakemake in the repository root; targets must come before --configfile (nargs='+')."""
+    cmd = [SNAKEMAKE, *args]
+    if dry_run:
+        cmd += ["--dry-run", "--forceall"]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def plan(*args: str) -> list[dict]:
+    """The jobs of a dry run: [{'rule', 'shell', 'resources', 'threads', 'log', 'wildcards'}]."""
+    proc = snakemake(*args)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    jobs: list[dict] = []
+    for line in out.splitlines():
+        m = re.match(r"^(?:local)?rule (\w+):$", line)
+        if m:
+            jobs.append({"rule": m.group(1)})
+            continue
+        if not jobs:
+            continue
+        m = re.match(r"^    (output|log|resources|threads|wildcards): (.*)$", line)
+        if m:
+            jobs[-1][m.group(1)] = m.group(2)
+        elif line.startswith("Shell command: "):
+            jobs[-1]["shell"] = line[len("Shell command: "):]
+    assert jobs, out
+    return jobs
+
+
+def _count(jobs: list[dict], rule: str) -> int:
+    return sum(j["rule"] == rule for j in jobs)
+
+
+def _configs(shell: str) -> list[str]:
+    return re.findall(r"--config (\S+)", shell)
+
+
+# --------------------------------------------------------------------------- dry runs
+
+
+@pytest.fixture(scope="module")
+def tiny_plan():
+    return plan("paper_tables/table1.csv")
+
+
+@pytest.fixture(scope="module")
+def paper_plan():
+    return plan("paper_tables/table1.csv", "--configfile", "config/paper.yaml")
+
+
+def test_tiny_dry_run(tiny_plan):
+    cfg = load_config(ROOT / "config" / "tiny.yaml")
+    assert {j["rule"] for j in tiny_plan} == RULES - {"all"}  # the explicit target, not `all`
+    cells = len(cfg.table1.methods) * len(cfg.table1.contexts)
+    assert _count(tiny_plan, "train") == cells
+    assert _count(tiny_plan, "evaluate") == cells
+    for rule in ("data", "target", "respond", "extract", "table1"):
+        assert _count(tiny_plan, rule) == 1
+    trained = sorted(int(re.search(r"--ctx (\d+)", j["shell"]).group(1)) for j in tiny_plan if j["rule"] == "train")
+    assert trained == sorted(cfg.table1.contexts)
+    for job in tiny_plan:
+        assert job["shell"].startswith(f"python -m peagle {job['rule']} "), job
+        assert _configs(job["shell"]) == ["config/tiny.yaml"], job["shell"]
+        assert job["log"].startswith("logs/tiny/"), job
+        assert "gpu" not in job.get("resources", ""), job  # CPU profile: no GPU requests
+        if job["rule"] in {"target"} | GPU_RULES:
+            assert job["threads"] == str(min(cfg.runtime.threads, os.cpu_count() or 1)), job
+    table = next(j for j in tiny_plan if j["rule"] == "table1")
+    assert "paper_tables/table1.csv" in table["output"] and "table1.provenance.json" in table["output"]
+    assert table["shell"].count("benchmarks/tiny/train/") == cells
+    assert table["shell"].count("benchmarks/tiny/evaluate/") == cells
+
+
+def test_default_target_is_table1():
+    jobs = plan()
+    assert {j["rule"] for j in jobs} == RULES
+
+
+def test_paper_dry_run(paper_plan, tiny_plan):
+    cfg = load_config(ROOT / "config" / "paper.yaml")
+    assert {j["rule"] for j in paper_plan} == {j["rule"] for j in tiny_plan}
+    assert _count(paper_plan, "train") == len(cfg.table1.methods) * len(cfg.table1.contexts)
+    for job in paper_plan:
+        # paper.yaml is a complete profile: tiny.yaml must not be merged under it.
+        assert _configs(job["shell"]) == ["config/paper.yaml"], job["shell"]
+        assert job["log"].startswith("logs/paper/"), job
+        assert "results/tiny" not in job["shell"], job["shell"]
+        if job["rule"] in GPU_RULES:
+            assert re.search(r"\bgpu=1\b", job["resources"]), job
+        else:
+            assert "gpu" not in job.get("resources", ""), job
+
+
+@pytest.mark.parametrize(
+    "configfiles, expected",
+    [
+        (["tests/fixtures/smoke.yaml"], ["config/tiny.yaml", "tests/fixtures/smoke.yaml"]),
+        (["config/paper.yaml", "tests/fixtures/smoke.yaml"], ["config/paper.yaml", "tests/fixtures/smoke.yaml"]),
+        (["config/tiny.yaml"], ["config/tiny.yaml"]),
+    ],
+)
+def test_config_files_reach_the_cli_in_merge_order(configfiles, expected):
+    jobs = plan("paper_tables/table1.csv", "--configfile", *configfiles)
+    assert all(_configs(j["shell"]) == expected for j in jobs), [j["shell"] for j in jobs]
+    merged = load_config(*(ROOT / f for f in expected))  # what the CLI will see
+    data = next(j for j in jobs if j["rule"] == "data")
+    assert f"--out-dir {merged.results_dir}/data" in data["shell"]
+    trained = sorted(int(re.search(r"--ctx (\d+)", j["shell"]).group(1)) for j in jobs if j["rule"] == "train")
+    assert trained == sorted(merged.table1.contexts)
+
+
+def test_overlay_outside_the_repository_is_passed_by_absolute_path(tmp_path):
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({"eval": {"k": 3}, "table1": {"k": 3}}))
+    jobs = plan("paper_tables/table1.csv", "--configfile", str(overlay))
+    evals = [j for j in jobs if j["rule"] == "evaluate"]
+    assert evals and all(_configs(j["shell"]) == ["config/tiny.yaml", str(overlay)] for j in evals)
+    assert all("--k 3 " in j["shell"] for j in evals)
+
+
+# --------------------------------------------------------------------------- refused at parse time
+
+
+def test_typo_in_a_key_fails_before_any_job(tmp_path):
+    overlay = tmp_path / "typo.yaml"
+    overlay.write_text(yaml.safe_dump({"train": {"epoch": 3}}))
+    proc = snakemake("paper_tables/table1.csv", "--configfile", str(overlay))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "train.epoch" in out and str(overlay) in out
+    assert "Job stats" not in out and "Shell command" not in out
+
+
+def test_wrong_type_fails_before_any_job(tmp_path):
+    overlay = tmp_path / "bad.yaml"
+    overlay.write_text(yaml.safe_dump({"runtime": {"threads": "two"}}))
+    proc = snakemake("paper_tables/table1.csv", "--configfile", str(overlay))
+    assert proc.returncode != 0
+    assert "runtime.threads" in proc.stdout + proc.stderr
+
+
+def test_command_line_config_overrides_are_refused():
+    proc = snakemake("paper_tables/table1.csv", "--config", "seed=1")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "--config KEY=VALUE overrides are not supported" in out
+
+
+def test_unconstrained_wildcards_do_not_match():
+    proc = snakemake("results/tiny/drafters/P-EAGLE_ctx64/final/config.json")
+    assert proc.returncode != 0
+    assert "MissingRuleException" in proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------- SLURM profile, lint
+
+
+def test_slurm_profile_dry_run():
+    pytest.importorskip("snakemake_executor_plugin_slurm", reason="./setup.sh installs the SLURM executor plugin")
+    jobs = plan("paper_tables/table1.csv", "--profile", "profiles/slurm", "--configfile", "config/paper.yaml")
+    assert {j["rule"] for j in jobs} == RULES - {"all"}
+    for job in jobs:
+        if job["rule"] in GPU_RULES:
+            assert "gpu=1" in job["resources"] and "gpu_model=h200" in job["resources"], job
+            assert "cpus_per_gpu=16" in job["resources"], job
+        assert "cpus_per_task=1," not in job.get("resources", ""), job
+
+
+@pytest.mark.parametrize("extra", [[], ["--configfile", "config/paper.yaml"]], ids=["tiny", "paper"])
+def test_lint_is_clean(extra):
+    proc = snakemake("--lint", *extra, dry_run=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------- smoke run
+
+
+def test_smoke_run_of_the_whole_dag(tmp_path):
+    """The real DAG at minimal sizes (tests/fixtures/smoke.yaml) in a scratch working directory.
+
+    `configfile:` resolves config/tiny.yaml against the working directory (hence the copy);
+    --configfile resolves against the caller's cwd. Running in the repository itself would
+    overwrite paper_tables/table1.csv.
+    """
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    cmd = [SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "paper_tables/table1.csv", "--cores", "2",
+           "--directory", str(tmp_path), "--configfile", str(ROOT / "tests" / "fixtures" / "smoke.yaml")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    smoke = load_config(ROOT / "config" / "tiny.yaml", ROOT / "tests" / "fixtures" / "smoke.yaml")
+    table = (tmp_path / "paper_tables" / "table1.csv").read_text().splitlines()
+    assert table[0] == "method,layers," + ",".join(f"ctx={c}" for c in smoke.table1.contexts)
+    row = table[1].split(",")
+    assert row[0] == "peagle" and int(row[1]) == smoke.drafter.num_layers
+    assert all(1.0 <= float(v) <= smoke.table1.k + 1 for v in row[2:])
+
+    prov = yaml.safe_load((tmp_path / "paper_tables" / "table1.provenance.json").read_text())
+    assert prov["profile"] == "tiny" and prov["config"]["results_dir"] == "results/smoke"
+    assert all(all(c["equal"] for c in cell["lossless_checks"]) for cell in prov["cells"].values())
+    assert len(prov["wall_times_s"]) >= 2 * len(smoke.table1.contexts)
+    for stage in ("data", "target", "respond", "extract"):
+        assert list((tmp_path / "benchmarks").rglob(f"*{stage}*")), f"no benchmark for {stage}"
+    # A finished DAG has nothing left to do.
+    again = subprocess.run(cmd + ["--dry-run"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr

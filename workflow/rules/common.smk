@@ -1,0 +1,196 @@
+# Shared definitions: the config files in effect, validation, paths, job parameters.
+#
+# Nothing here does pipeline work; it only decides names and checks the configuration, at parse
+# time, so that a bad key fails before any job starts.
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
+from snakemake.utils import validate
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
+
+# The Snakefile must be able to read the config even where the package is not installed into
+# the Python that runs Snakemake (peagle.config needs only PyYAML).
+if workflow.basedir not in sys.path:
+    sys.path.insert(0, workflow.basedir)
+
+from peagle.config import ConfigError, load_config, read_config_files  # noqa: E402
+
+
+# --------------------------------------------------------------------------- config files in effect
+
+
+def _relative(f):
+    p = Path(f).absolute()
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
+def _snakemake_config_files():
+    """The YAML files Snakemake merged into ``config``, in merge order (checked on 9.27.1).
+
+    ``workflow.overwrite_configfiles`` are the ``--configfile`` files (absolute paths, in command-line
+    order). ``workflow.configfiles`` lists those first and then the files the ``configfile:``
+    directive loaded (only if they exist). Snakemake merges the directive's file first and then
+    re-applies the command-line files over it, so the merge order is: directive files, then
+    command-line files. ``--replace-workflow-config`` drops the directive's file altogether.
+    """
+    cli = [str(p) for p in workflow.overwrite_configfiles]
+    directive = [str(p) for p in workflow.configfiles[len(cli):]]
+    if workflow.config_settings.replace_workflow_config:
+        directive = []
+    files = []
+    for f in map(_relative, directive + cli):
+        if f in files:  # keep the last occurrence: same merge result
+            files.remove(f)
+        files.append(f)
+    return files
+
+
+def _effective_config_files(files):
+    """Start the merge afresh at the last *complete profile*, a file with a top-level ``profile:``.
+
+    Snakemake would merge ``--configfile config/paper.yaml`` over the default config/tiny.yaml, so
+    every key that tiny.yaml sets and paper.yaml leaves out (respond.n_prompts: 600,
+    eval.n_prompts: 20, target.pretrain, ...) would leak into the paper run. A profile file is
+    therefore taken as complete, and only overlays without ``profile:`` (e.g.
+    tests/fixtures/smoke.yaml) are merged over the profile before them.
+    """
+    starts = [i for i, f in enumerate(files) if "profile" in read_config_files(f)]
+    return files[starts[-1]:] if starts else files
+
+
+if workflow.config_settings.config:
+    raise WorkflowError(
+        "--config KEY=VALUE overrides are not supported: the peagle CLI reads the config files only, "
+        "so the jobs would not see them. Write the overrides to a small YAML file and pass it with "
+        f"--configfile (got: {', '.join(sorted(workflow.config_settings.config))})."
+    )
+
+try:
+    _merged_by_snakemake = _snakemake_config_files()
+    if not _merged_by_snakemake:
+        raise ConfigError("no config file in effect (expected config/tiny.yaml or --configfile FILE)")
+    # Our reading of Snakemake's merge order must reproduce its `config` exactly.
+    if read_config_files(*_merged_by_snakemake) != config:
+        raise ConfigError(
+            f"merging {_merged_by_snakemake} in order does not reproduce Snakemake's config: the "
+            "configfile semantics of this Snakemake version differ from those common.smk assumes"
+        )
+    CONFIG_FILES = _effective_config_files(_merged_by_snakemake)
+except ConfigError as err:
+    raise WorkflowError(str(err)) from None
+
+if CONFIG_FILES != _merged_by_snakemake:
+    _dropped = [f for f in _merged_by_snakemake if f not in CONFIG_FILES]
+    logger.info(f"peagle: {CONFIG_FILES[0]} is a complete profile; {', '.join(_dropped)} not merged under it")
+    config.clear()
+    config.update(read_config_files(*CONFIG_FILES))
+
+# Validation 1: the typed dataclasses (errors name the file(s) and the dotted key).
+try:
+    CFG = load_config(*CONFIG_FILES)
+except ConfigError as err:
+    raise WorkflowError(f"invalid configuration: {err}") from None
+
+# Validation 2: the JSON schema (mirrors the dataclasses; tests/test_config.py keeps them in step).
+# set_default=False: defaults live in peagle.config, and `config` must stay equal to the files.
+validate(config, "../schemas/config.schema.yaml", set_default=False)
+
+# --------------------------------------------------------------------------- names
+
+PROFILE = CFG.profile
+R = CFG.results_dir.rstrip("/")
+LOGS = f"logs/{PROFILE}"
+BENCH = f"benchmarks/{PROFILE}"
+
+DATA_FILES = {
+    "train": f"{R}/data/train.jsonl",
+    "mt_bench": f"{R}/data/eval_mt_bench.jsonl",
+    "humaneval": f"{R}/data/eval_humaneval.jsonl",
+    "gsm8k": f"{R}/data/eval_gsm8k.jsonl",
+    "manifest": f"{R}/data/manifest.json",
+}
+TARGET_JSON = f"{R}/target/target.json"
+RESPONSES = f"{R}/responses/train.jsonl"
+HIDDEN_MANIFEST = f"{R}/hidden/manifest.json"
+DRAFTER_DIR = f"{R}/drafters/{{method}}_ctx{{ctx}}"
+DRAFTER_CONFIG = f"{R}/drafters/{{method}}_ctx{{ctx}}/final/config.json"
+EVAL_JSON = f"{R}/eval/{{method}}_ctx{{ctx}}/{{evalset}}_k{{k}}.json"
+TRAIN_BENCH = f"{BENCH}/train/{{method}}_ctx{{ctx}}.tsv"
+EVAL_BENCH = f"{BENCH}/evaluate/{{method}}_ctx{{ctx}}/{{evalset}}_k{{k}}.tsv"
+TABLE1_CSV = "paper_tables/table1.csv"
+TABLE1_PROVENANCE = "paper_tables/table1.provenance.json"
+
+# Table 1's cells: every method x training context, at one evaluation set and depth k.
+TABLE1_CELLS = dict(
+    method=CFG.table1.methods, ctx=CFG.table1.contexts, evalset=[CFG.table1.eval_set], k=[CFG.table1.k]
+)
+
+
+# --------------------------------------------------------------------------- job parameters
+
+
+class ConfigArgs:
+    """``--config F1 --config F2 ...`` for the shell commands (used there as {params.config}).
+
+    Deliberately not a str: Snakemake's params rerun trigger skips values it cannot represent, so
+    the list of files alone (adding an overlay, spelling a path differently) does not rerun jobs;
+    the ``settings`` param below tracks what the files say instead. Its repr is constant for the
+    same reason.
+    """
+
+    def __init__(self, files):
+        self.files = list(files)
+
+    def __str__(self):
+        return " ".join(f"--config {shlex.quote(f)}" for f in self.files)
+
+    def __repr__(self):
+        return "ConfigArgs()"
+
+
+CONFIG_ARGS = ConfigArgs(CONFIG_FILES)
+_EFFECTIVE = CFG.to_dict()  # the validated config, defaults filled in
+
+
+def settings(*keys):
+    """The config values a job depends on, as one compact JSON string (a `settings` param).
+
+    Snakemake's params rerun trigger then reruns exactly the jobs whose settings changed, and the
+    jobs downstream of them through modification times. ``keys`` are dotted ("train",
+    "eval.sets"); values are those in effect (defaults filled in). The package version is
+    included so that a release bump reruns everything.
+    """
+    import peagle
+
+    out = {"peagle": peagle.__version__}
+    for key in keys:
+        node = _EFFECTIVE
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    return json.dumps(out, sort_keys=True, separators=(",", ":"))
+
+
+# Threads of the torch stages: runtime.threads (2 on tiny; the CPU cores per GPU on paper).
+TORCH_THREADS = CFG.runtime.threads
+
+# GPU stages ask for one GPU when the profile runs on CUDA (the paper profile); the cluster
+# profile (profiles/slurm) adds gpu_model, runtime, partition. Locally a `gpu` resource limits
+# nothing unless `--resources gpu=N` is given.
+GPU_RESOURCES = {"gpu": 1} if CFG.runtime.device.startswith("cuda") else {}
+
+# `python` in the shell commands must be an interpreter with peagle installed. Without
+# --use-conda that is the one running Snakemake, so its bin/ goes first on the jobs' PATH
+# (`.venv/bin/snakemake ...` works without activating the venv). With --use-conda the job's env
+# (envs/core.yaml) provides python instead.
+if DeploymentMethod.CONDA not in (workflow.deployment_settings.deployment_method or ()):
+    shell.prefix(f'export PATH={shlex.quote(os.path.dirname(sys.executable))}:"$PATH"; ')
