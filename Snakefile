@@ -40,6 +40,7 @@ include: "workflow/rules/hidden.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/tables.smk"
+include: "workflow/rules/scaling.smk"
 
 
 localrules:

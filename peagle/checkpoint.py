@@ -10,8 +10,6 @@ so a killed run never leaves a half-written checkpoint that looks complete.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from peagle.drafters import DrafterSpec, PEagleDrafter
+from peagle.io import atomic_dir
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -58,36 +57,16 @@ def vllm_config(spec: DrafterSpec, meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _atomic_dir(final: Path):
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
 def save_drafter(directory: str | Path, model: PEagleDrafter, meta: dict[str, Any],
                  trainer_state: dict[str, Any] | None = None) -> Path:
     """Write config.json + model.safetensors (+ trainer_state.pt) atomically into ``directory``."""
     final = Path(directory)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_dir(final)
-    try:
+    with atomic_dir(final) as tmp:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(vllm_config(model.spec, meta), indent=2) + "\n")
         if trainer_state is not None:
             torch.save(trainer_state, tmp / STATE_NAME)
-        _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
@@ -132,6 +111,6 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.exists():
         return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp")]
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")]
     dirs = [p for p in dirs if (p / STATE_NAME).exists() and (p / WEIGHTS_NAME).exists()]
     return sorted(dirs, key=lambda p: int(p.name.split("_")[1]))

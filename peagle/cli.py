@@ -125,7 +125,10 @@ def cmd_train(args) -> None:
     _threads(cfg)
     from peagle.train import train_drafter
 
-    train_drafter(cfg, args.target, args.hidden_dir, args.method, args.ctx, args.out_dir, log=_log)
+    summary = train_drafter(cfg, args.target, args.hidden_dir, args.method, args.ctx, args.out_dir, log=_log)
+    if summary.get("status") == "OOM":
+        _log(f"OUT OF MEMORY under train.memory_budget_mb={summary['budget_mb']}: {summary['error']} "
+             f"(recorded in {args.out_dir}/summary.json)")
 
 
 def cmd_evaluate(args) -> None:
@@ -142,8 +145,36 @@ def cmd_table1(args) -> None:
     cfg = _config(args)
     from peagle.tables import write_table1
 
-    df = write_table1(cfg, args.evals, args.benchmarks or [], args.out, config_files=args.config)
+    df = write_table1(cfg, args.evals, args.benchmarks or [], args.out, config_files=args.config,
+                      target_json=args.target)
     print(df.to_string(index=False))
+
+
+def cmd_table2(args) -> None:
+    cfg = _config(args)
+    _threads(cfg)
+    from peagle.bench.table2 import write_table2
+
+    df = write_table2(cfg, args.target, args.hidden_dir, args.out, config_files=args.config, log=_log)
+    print(df.to_string(index=False))
+
+
+def cmd_figures(args) -> None:
+    cfg = _config(args)
+    from peagle.figures import write_figures
+
+    for path in write_figures(cfg, args.out_dir):
+        _log(f"wrote {path}")
+
+
+def cmd_memory_scaling(args) -> None:
+    cfg = _config(args)
+    from peagle.bench.memory import run_sweep
+
+    from peagle.bench.memory import overrides
+
+    run_sweep(cfg, args.out, config_files=args.config, device=args.device, hidden_size=args.hidden_size,
+              budget_mb=args.budget_mb, figure=args.figure, timeout_s=args.timeout, **overrides(args), log=_log)
 
 
 # --------------------------------------------------------------------------- parser
@@ -186,9 +217,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--k", type=int, required=True)
     sp.add_argument("--out", required=True)
     sp = add("table1", cmd_table1, "paper Table 1: acceptance length vs training context length")
+    sp.add_argument("--target", help="target.json, recorded in the provenance sidecar")
     sp.add_argument("--evals", nargs="+", required=True)
     sp.add_argument("--benchmarks", nargs="*")
     sp.add_argument("--out", required=True)
+    sp = add("table2", cmd_table2, "paper Table 2: data-loading and epoch time per data path")
+    sp.add_argument("--target", required=True, help="target.json (width, vocabulary, mask token)")
+    sp.add_argument("--hidden-dir", required=True, help="hidden states of the training set")
+    sp.add_argument("--out", required=True)
+    sp = add("figures", cmd_figures, "paper Figs. 3-4: the cross-depth mask and sequence partitioning")
+    sp.add_argument("--out-dir", required=True)
+    sp = add("memory-scaling", cmd_memory_scaling,
+             "peak training memory and step time vs context length and partitions (one subprocess each)")
+    sp.add_argument("--out", required=True, help="CSV (provenance sidecar written beside it)")
+    sp.add_argument("--device", help="override runtime.device (e.g. cuda)")
+    sp.add_argument("--hidden-size", type=int, help="drafter width (default: target.hidden_size; paper: 2880)")
+    sp.add_argument("--budget-mb", type=int, help="cap per configuration (default: scaling.memory_budget_mb, "
+                    "then train.memory_budget_mb)")
+    sp.add_argument("--figure", help="also plot the sweep to this path (.png; a .pdf is written beside it)")
+    sp.add_argument("--timeout", type=int, default=600, help="seconds per configuration before it is recorded "
+                    "as TIMEOUT")
+    from peagle.bench.memory import add_overrides
+
+    add_overrides(sp)
     return p
 
 

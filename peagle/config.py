@@ -152,8 +152,14 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     grad_accum: int = 8
-    mask_strategy: Literal["amortized", "pard", "reference"] = "amortized"
+    # Sequence partitioning (paper §3.2): segments per sequence, each run forward+backward on its
+    # own (peagle.partition); same gradient, lower peak memory. 1 = off. Must be <= rows (T - 1).
+    partitions: int = 1
+    mask_strategy: Literal["amortized", "pard", "reference", "maskfree"] = "amortized"
     max_mask_len: int = 8192
+    # Cap on one training run's memory in MiB (weights, gradients, optimizer, activations;
+    # see peagle.memory). Exceeding it ends the run with status OOM; None = no cap.
+    memory_budget_mb: int | None = None
     loss: Literal["kl", "ce"] = "kl"
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
@@ -167,7 +173,11 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", "must be > 0")
         _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
         _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        _check(isinstance(self.partitions, int) and not isinstance(self.partitions, bool)
+               and self.partitions >= 1, "train.partitions", "must be a positive integer")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+        _check(self.memory_budget_mb is None or self.memory_budget_mb >= 1, "train.memory_budget_mb",
+               "must be >= 1 (MiB) or null")
 
 
 @dataclass(frozen=True)
@@ -205,6 +215,35 @@ class Table1Config:
 
 
 @dataclass(frozen=True)
+class ScalingConfig:
+    """Training-overhead and memory benchmarks (paper Table 2, Figs. 3-4, memory scaling)."""
+
+    table2_seq_len: int = 2048  # tokens per example (the paper's 2048)
+    table2_k: int = 8
+    table2_examples: int = 128  # examples whose data loading is timed
+    table2_timed_steps: int = 2  # training examples timed per data path (after one warm-up)
+    memory_k: int = 8
+    memory_contexts: list[int] = field(default_factory=lambda: [1024, 4096, 8192, 20480])
+    memory_partitions: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    memory_partition_ctx: int = 8192  # context length of the partition (S) sweep
+    # Mask strategies swept; names not available in this build are skipped (and logged).
+    memory_strategies: list[str] = field(default_factory=lambda: ["amortized", "pard", "maskfree"])
+    memory_budget_mb: int | None = None  # per-configuration cap; None: train.memory_budget_mb
+    fig4_segments: int = 4
+
+    def __post_init__(self) -> None:
+        _check(self.table2_seq_len >= 3, "scaling.table2_seq_len", "must be >= 3 tokens")
+        _check(self.table2_k >= 1 and self.memory_k >= 1, "scaling.table2_k", "depths must be >= 1")
+        _check(self.table2_examples >= 1, "scaling.table2_examples", "must be >= 1")
+        _check(self.table2_timed_steps >= 1, "scaling.table2_timed_steps", "must be >= 1")
+        _check(all(c >= 3 for c in self.memory_contexts), "scaling.memory_contexts", "each must be >= 3 tokens")
+        _check(all(s >= 1 for s in self.memory_partitions), "scaling.memory_partitions", "each must be >= 1")
+        _check(self.memory_budget_mb is None or self.memory_budget_mb >= 1, "scaling.memory_budget_mb",
+               "must be >= 1 (MiB) or null")
+        _check(self.fig4_segments >= 1, "scaling.fig4_segments", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class Config:
     profile: str
     results_dir: str
@@ -218,6 +257,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     table1: Table1Config = field(default_factory=Table1Config)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

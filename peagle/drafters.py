@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peagle.attention import ElementMeta, element_attention
+
 
 @dataclass(frozen=True)
 class DrafterSpec:
@@ -46,8 +48,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 like the Llama reference so bf16 runs match fp32 ones closely.
-        xf = x.float()
+        # Normalise in at least fp32 (like the Llama reference) so bf16 runs match fp32 ones closely;
+        # float64 stays float64 for exact tests.
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight * xf).to(x.dtype)
 
@@ -100,7 +103,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(spec.num_heads * spec.head_dim, spec.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, attn_mask, cache: KVCache | None, layer: int):
-        """x [B, L, in_dim]; attn_mask bool [B, L, L_keys] (True = attend); -> [B, L, H]."""
+        """x [B, L, in_dim]; attn_mask bool [B, L, L_keys] (True = attend) or an
+        :class:`~peagle.attention.ElementMeta` (mask-free cross-depth attention); -> [B, L, H]."""
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -108,9 +112,14 @@ class Attention(nn.Module):
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(layer, k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask[:, None], enable_gqa=self.num_kv_heads != self.num_heads
-        )
+        if isinstance(attn_mask, ElementMeta):
+            if cache is not None:
+                raise ValueError("mask-free attention (ElementMeta) is for training; it takes no KV cache")
+            out = element_attention(q, k, v, attn_mask)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask[:, None], enable_gqa=self.num_kv_heads != self.num_heads
+            )
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -188,7 +197,8 @@ class PEagleDrafter(nn.Module):
 
         input_ids [B, L]; hidden [B, L, 3H] target features (ignored where ``is_mask``; may be None
         when every element is a mask slot); is_mask bool [B, L]; positions [B, L] (anchor + depth);
-        attn_mask bool [B, L, L_keys], or None for causal attention over ``cache`` + these elements.
+        attn_mask bool [B, L, L_keys], an ElementMeta of the L elements (mask-free), or None for
+        causal attention over ``cache`` + these elements.
         """
         b, n = input_ids.shape
         mask_h = self.fc(self.mask_hidden)  # [1, 1, H]

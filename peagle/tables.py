@@ -61,7 +61,7 @@ def _load_eval(path: str | Path) -> dict[str, Any]:
 
 
 def write_table1(cfg: Config, evals: list[str], benchmarks: list[str], out: str | Path,
-                 config_files: list[str] | None = None) -> pd.DataFrame:
+                 config_files: list[str] | None = None, target_json: str | Path | None = None) -> pd.DataFrame:
     """Table 1: acceptance length (rows: methods, columns: training context lengths actually used).
 
     ``evals`` are the evaluate rule's JSON files; ``benchmarks`` the Snakemake benchmark files of
@@ -107,5 +107,11 @@ def write_table1(cfg: Config, evals: list[str], benchmarks: list[str], out: str 
             "wall_s", "lossless_checks", "drafter")} for (m, c), cell in sorted(cells.items())},
         "wall_times_s": {str(b): read_benchmark(b).get("s") for b in benchmarks},
     }
+    provenance["wall_time_total_s"] = sum(v for v in provenance["wall_times_s"].values() if v is not None)
+    if target_json is not None:
+        info = json.loads(Path(target_json).read_text())
+        provenance["target"] = {k: info.get(k) for k in (
+            "path", "kind", "name", "architecture", "num_layers", "hidden_size", "vocab_size", "aux_layer_ids",
+            "heldout_next_token_accuracy")}
     atomic_write_json(out.with_suffix(".provenance.json"), provenance)
     return df

@@ -17,21 +17,18 @@ this module (e.g. for the CLI's ``--help``) stays cheap.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-from peagle.io import atomic_write_json, atomic_write_text
+from peagle.io import atomic_dir, atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -65,28 +62,6 @@ VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-@contextlib.contextmanager
-def _atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temp directory next to ``path``; on success it replaces ``path`` (old one removed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the final dir should read like any other output
-    try:
-        yield tmp
-        if path.exists():
-            # Move the old dir aside first so ``path`` is never half-written.
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _parse_dtype(dtype: "str | torch.dtype") -> "torch.dtype":
@@ -142,7 +117,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path |
         if got != want:  # pragma: no cover - tokenizers contract
             raise RuntimeError(f"special token {name} got id {got}, expected {want}")
     if out_dir is not None:
-        with _atomic_dir(out_dir) as tmp:
+        with atomic_dir(out_dir) as tmp:
             save_tokenizer(tok, tmp)
     return tok
 
@@ -539,7 +514,7 @@ def pretrain_tiny_target(model, tokenizer, train: Sequence[Any], eval_records: S
 
 def save_target_model(model, tokenizer, model_dir: str | Path) -> None:
     """``save_pretrained`` model + tokenizer into ``model_dir`` atomically (safetensors)."""
-    with _atomic_dir(model_dir) as tmp:
+    with atomic_dir(model_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         save_tokenizer(tokenizer, tmp)
         cfg_path = tmp / "config.json"
@@ -670,7 +645,6 @@ def load_target(target_json: str | Path, device: str = "cpu", dtype: "str | torc
     dirs and HF ids (``HF_HUB_OFFLINE=1`` is respected by transformers). The stored shapes are
     checked against the loaded config.
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     info = read_target_json(target_json)

@@ -23,10 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from peagle import checkpoint as ckpt
+from peagle import memory
+from peagle.attention import ElementMeta
 from peagle.cod import Layout, cod_sample
 from peagle.config import Config
 from peagle.drafters import DrafterSpec, PEagleDrafter, build_drafter, num_parameters
 from peagle.masks import AmortizedMask, pard_mask, reference_mask
+from peagle.partition import partitioned_backward
 
 METHODS = ("peagle",)
 
@@ -80,18 +83,24 @@ def truncate(seq: dict[str, torch.Tensor], ctx: int) -> dict[str, torch.Tensor]:
 
 
 class MaskBuilder:
-    """The configured realisation of the cross-depth mask; all three give the same mask."""
+    """The configured realisation of the cross-depth mask; all give the same attention.
+
+    amortized/pard/reference return a dense bool [L, L] mask; maskfree returns an
+    :class:`~peagle.attention.ElementMeta` (per-element tensors, no [L, L] mask).
+    """
 
     def __init__(self, strategy: str, max_len: int, k: int) -> None:
         self.strategy = strategy
         self.k = k
         if strategy == "amortized":
             self._amortized = AmortizedMask(max_len, k)
-        elif strategy not in ("pard", "reference"):
+        elif strategy not in ("pard", "reference", "maskfree"):
             raise TrainingError(f"unknown mask strategy {strategy!r} (config train.mask_strategy): "
-                                "use amortized, pard or reference")
+                                "use amortized, pard, reference or maskfree")
 
-    def __call__(self, layout: Layout, n: int) -> torch.Tensor:
+    def __call__(self, layout: Layout, n: int) -> torch.Tensor | ElementMeta:
+        if self.strategy == "maskfree":
+            return ElementMeta.from_layout(layout)
         if self.strategy == "amortized":
             return self._amortized.get(layout)
         if self.strategy == "pard":
@@ -107,10 +116,12 @@ def distill_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, kind: 
 
     ``kl``: forward KL(target || draft) (DESIGN §4); ``ce``: cross-entropy on the target's argmax.
     """
-    logq = F.log_softmax(draft_logits.float(), dim=-1)
+    # Half precision is upcast to fp32 for the softmax; float64 stays float64 (exactness tests).
+    up = torch.promote_types(draft_logits.dtype, torch.float32)
+    logq = F.log_softmax(draft_logits.to(up), dim=-1)
     if kind == "ce":
         return F.nll_loss(logq, target_logits.argmax(-1), reduction="sum")
-    logp = F.log_softmax(target_logits.float(), dim=-1)
+    logp = F.log_softmax(target_logits.to(up), dim=-1)
     return (logp.exp() * (logp - logq)).sum()
 
 
@@ -178,6 +189,7 @@ def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
 # --------------------------------------------------------------------------- main entry
 
 
+@memory.reports_oom  # an OOM under train.memory_budget_mb -> summary.json status OOM
 def train_drafter(
     cfg: Config,
     target_json: str | Path,
@@ -241,13 +253,19 @@ def train_drafter(
     masks = MaskBuilder(tc.mask_strategy, tc.max_mask_len, tc.k_train)
 
     # Sequences with at least one supervised row inside the context window.
-    usable = []
+    usable, shortest = [], None
     for i in range(len(dataset)):
         seq = truncate(dataset[i], ctx)
         if seq["input_ids"].shape[0] >= 2 and bool(seq["loss_mask"][1:].any()):
             usable.append(i)
+            rows = seq["input_ids"].shape[0] - 1
+            shortest = rows if shortest is None else min(shortest, rows)
     if not usable:
         raise TrainingError(f"{hidden_dir}: no sequence has a supervised token within the first {ctx} tokens")
+    if tc.partitions > shortest:
+        # Checked up front so that a run never stops halfway at the first short sequence.
+        raise TrainingError(f"train.partitions={tc.partitions} exceeds the {shortest} rows of the shortest "
+                            f"training sequence at ctx={ctx}; use at most {shortest} partitions")
     steps_per_epoch = math.ceil(len(usable) / tc.grad_accum)
     total_steps = tc.epochs * steps_per_epoch
     warmup = max(1, math.ceil(tc.warmup_ratio * total_steps))
@@ -258,6 +276,7 @@ def train_drafter(
 
     meta = {"method": method, "ctx": ctx, "k_train": tc.k_train, "retention": tc.retention,
             "retention_min": tc.retention_min, "loss": tc.loss, "mask_strategy": tc.mask_strategy,
+            "partitions": tc.partitions,
             "target": info["path"], "target_name": info.get("name"), "seed": tc.seed}
     metrics_path = out / "metrics.jsonl"
     start_step, metrics = 0, []
@@ -283,6 +302,11 @@ def train_drafter(
     bar = tqdm(total=total_steps, initial=start_step, disable=not progress, desc=f"{method} ctx={ctx}",
                file=sys.stderr, dynamic_ncols=True)
     drafter.train()
+    # Budget the loop (gradients, optimizer moments, activations); the weights already exist.
+    head_bytes = target_head.numel() * target_head.element_size()
+    weights, needed = memory.model_bytes(drafter.parameters())
+    memory.cap_memory(tc.memory_budget_mb, device, resident_bytes=weights + head_bytes,
+                      required_bytes=needed + head_bytes)
     t_run = time.perf_counter()
     for step in range(start_step, total_steps):
         epoch, j = divmod(step, steps_per_epoch)
@@ -298,11 +322,17 @@ def train_drafter(
             layout = cod_sample(n, tc.k_train, tc.retention, tc.retention_min,
                                 generator=_seq_generator(tc.seed, epoch, idx))
             ex = build_example(rows, layout, spec.mask_token_id)
-            loss_sum, stats = example_loss(drafter, target_head, ex, masks(layout, n), tc.loss, tc.k_train)
             n_sup = int(ex.gate.sum())
             # Each sequence's loss is normalised by its own supervised count, then averaged.
-            (loss_sum / max(n_sup, 1) / len(batch)).backward()
-            loss_total += float(loss_sum.detach()) / max(n_sup, 1) / len(batch)
+            if tc.partitions > 1:
+                # Forward+backward segment by segment (paper §3.2): same gradient, less memory.
+                loss_sum, stats = partitioned_backward(drafter, target_head, ex, lambda lay: masks(lay, n),
+                                                       tc.partitions, tc.loss, tc.k_train, n_sup, 1 / len(batch))
+            else:
+                loss_t, stats = example_loss(drafter, target_head, ex, masks(layout, n), tc.loss, tc.k_train)
+                (loss_t / max(n_sup, 1) / len(batch)).backward()
+                loss_sum = float(loss_t.detach())
+            loss_total += loss_sum / max(n_sup, 1) / len(batch)
             sup_total += n_sup
             elements += len(layout)
             tokens += n
@@ -335,11 +365,14 @@ def train_drafter(
             raise _Killed(f"stopped after {done} steps (test hook)")
     bar.close()
     wall = time.perf_counter() - t_run
+    memory.release_cap()
 
     final_meta = {**meta, "optimizer_steps": total_steps, "sequences": len(usable), "epochs": tc.epochs}
     ckpt.save_drafter(out / "final", drafter, final_meta)
     tail = metrics[-min(len(metrics), steps_per_epoch):]
     summary = {
+        "status": "ok",
+        "budget_mb": tc.memory_budget_mb,
         **final_meta,
         "wall_s_this_run": wall,
         "final_loss": metrics[-1]["loss"] if metrics else None,

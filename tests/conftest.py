@@ -67,5 +67,7 @@ def tiny_config():
     raw = read_config_files(root / "config" / "tiny.yaml")
     raw["drafter"].update(num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=96)
     raw["train"].update(k_train=4, epochs=2, grad_accum=3, max_mask_len=128, checkpoint_every=2, lr=3e-3)
+    # No RLIMIT_AS in the pytest process: budgets are tested in subprocesses (tests/test_memory.py).
+    raw["train"]["memory_budget_mb"] = None
     raw["eval"].update(k=3, max_new_tokens=12, n_prompts=2, lossless_check_prompts=1)
     return config_from_dict(raw)

@@ -153,3 +153,98 @@ def test_attention_bias() -> None:
     assert not bool(torch.isnan(probs).any())
     batched = attention_bias(torch.stack([mask, mask]), torch.bfloat16)
     assert batched.dtype == torch.bfloat16 and batched.shape == (2, *mask.shape)
+
+
+# --------------------------------------------------------------------------- retrieval paths
+
+
+def test_factored_tables_reproduce_the_dense_grid() -> None:
+    """context + chain_cols are exactly the dense (max_len*k)^2 grid, stored factored."""
+    for m_len, k in [(1, 1), (5, 1), (1, 4), (7, 3), (12, 5)]:
+        am = AmortizedMask(m_len, k)
+        dense = torch.zeros(k * m_len, k * m_len, dtype=torch.bool)
+        dense[:, :m_len] = am.context.repeat(k, 1)  # depth-0 keys: same block for every depth
+        rows, slot = torch.nonzero(am.chain_cols >= 0, as_tuple=True)
+        dense[rows, am.chain_cols[rows, slot]] = True
+        assert torch.equal(dense, am.grid)
+
+
+def _permuted(lay: Layout, gen: torch.Generator) -> Layout:
+    p = torch.randperm(len(lay), generator=gen)
+    return Layout(lay.anchor[p], lay.depth[p], lay.doc[p], lay.valid[p])
+
+
+def test_canonical_layouts_never_build_the_dense_grid() -> None:
+    gen = torch.Generator().manual_seed(5)
+    amort = AmortizedMask(MAX_N, MAX_K)
+    for _ in range(50):
+        lay, _, _ = _random_layout(gen)
+        assert torch.equal(amort.get(lay), reference_mask(lay))
+    assert amort._grid is None
+
+
+def test_non_canonical_layouts_take_the_dense_path() -> None:
+    """Shuffled elements, padding in the middle, doc-inconsistent or non-nested chains."""
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(60):
+        lay, _, _ = _random_layout(gen)
+        amort = AmortizedMask(MAX_N, MAX_K)
+        shuffled = _permuted(lay, gen)
+        assert torch.equal(amort.get(shuffled), reference_mask(shuffled))
+    # A chain element labelled with another document than its anchor row.
+    lay = full_grid(8, 3)
+    doc = lay.doc.clone()
+    doc[-1] = 5
+    odd = Layout(lay.anchor, lay.depth, doc)
+    amort = AmortizedMask(8, 3)
+    assert torch.equal(amort.get(odd), reference_mask(odd))
+    assert amort._grid is not None
+    # Non-nested chain: (2, 2) without its parent (2, 1) stays on the fast path.
+    nn_lay = Layout(torch.tensor([0, 1, 2, 3, 0, 1, 2]), torch.tensor([0, 0, 0, 0, 1, 1, 2]),
+                    torch.zeros(7, dtype=torch.int64))
+    amort = AmortizedMask(8, 3)
+    assert torch.equal(amort.get(nn_lay), reference_mask(nn_lay))
+    assert amort._grid is None
+
+
+def test_duplicate_cells_match_reference() -> None:
+    lay = Layout(torch.tensor([0, 1, 2, 1, 1]), torch.tensor([0, 0, 0, 1, 1]), torch.zeros(5, dtype=torch.int64))
+    assert torch.equal(AmortizedMask(4, 3).get(lay), reference_mask(lay))
+
+
+def test_regrowth_rebuilds_the_factored_tables() -> None:
+    lay = cod_sample(30, 4, 0.8, generator=torch.Generator().manual_seed(3))
+    am = AmortizedMask(10, 2, grow=True)
+    assert torch.equal(am.get(lay), reference_mask(lay))
+    assert am.context.shape == (30, 30) and am.chain_cols.shape == (4 * 30, 3)
+
+
+def test_output_buffer_is_recycled_only_when_released() -> None:
+    gen = torch.Generator().manual_seed(2)
+    am = AmortizedMask(30, 4)
+    lays = [cod_sample(30, 4, 0.8, generator=gen) for _ in range(3)]
+    first = am.get(lays[0])
+    ptr = first.data_ptr()
+    second = am.get(lays[1])  # `first` is still held: must not be overwritten
+    assert second.data_ptr() != ptr
+    assert torch.equal(first, reference_mask(lays[0])) and torch.equal(second, reference_mask(lays[1]))
+    held = second[3:]  # a view keeps the buffer alive too
+    del first, second
+    third = am.get(lays[2])
+    assert torch.equal(third, reference_mask(lays[2])) and torch.equal(held, reference_mask(lays[1])[3:])
+    del held, third
+    fourth = am.get(lays[0])  # nothing references the last buffer now: reused
+    assert torch.equal(fourth, reference_mask(lays[0]))
+    assert fourth.untyped_storage().data_ptr() == am._recycle.untyped_storage().data_ptr()
+
+
+def test_explicit_out_buffer() -> None:
+    lay = cod_sample(20, 3, 0.8, generator=torch.Generator().manual_seed(4)).pad_to(60)
+    am = AmortizedMask(20, 3)
+    buf = torch.ones(70 * 70, dtype=torch.bool)  # stale contents must not leak into the mask
+    got = am.get(lay, out=buf)
+    assert got.data_ptr() == buf.data_ptr() and torch.equal(got, reference_mask(lay))
+    shuffled = _permuted(lay, torch.Generator().manual_seed(0))  # dense path honours out= too
+    assert torch.equal(am.get(shuffled, out=buf), reference_mask(shuffled))
+    with pytest.raises(ValueError, match="out must be"):
+        am.get(lay, out=torch.ones(10, dtype=torch.bool))

@@ -85,3 +85,26 @@ def test_resume_after_kill_matches_uninterrupted(tiny_artifacts, tiny_config, tm
     m1 = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
     m2 = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["loss"] for x in m1] == [json.loads(x)["loss"] for x in m2]
+
+
+def test_context_beyond_the_precomputed_mask_is_a_clear_error(tiny_artifacts, tiny_config, tmp_path):
+    from dataclasses import replace
+
+    from peagle.train import TrainingError
+
+    cfg = replace(tiny_config, train=replace(tiny_config.train, max_mask_len=16))
+    with pytest.raises(TrainingError, match="train.max_mask_len"):
+        train_drafter(cfg, tiny_artifacts["target_json"], tiny_artifacts["hidden_dir"], "peagle", 40,
+                      tmp_path / "run", progress=False, log=lambda m: None)
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    from peagle.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("profile: tiny\nresults_dir: r\ntrain: {epoch: 3}\n")
+    assert main(["train", "--config", str(bad), "--target", "t.json", "--hidden-dir", "h", "--method", "peagle",
+                 "--ctx", "64", "--out-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key train.epoch" in err and str(bad) in err and "Traceback" not in err

@@ -1,0 +1,126 @@
+"""Table 2, the memory-scaling sweep and Figs. 3-4 at test sizes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from peagle.bench import memory as membench
+from peagle.bench.table2 import window, write_table2
+from peagle.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _scaled(cfg, **scaling):
+    return dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, **scaling))
+
+
+def test_window_wraps_around_the_stream():
+    stream = {"input_ids": torch.arange(10), "aux_hidden": torch.arange(30).view(10, 3)}
+    w = window(stream, 8, 5)
+    assert w["input_ids"].tolist() == [8, 9, 0, 1, 2]
+    assert torch.equal(w["aux_hidden"][2], stream["aux_hidden"][0])
+    assert window(stream, 12, 3)["input_ids"].tolist() == [2, 3, 4]
+
+
+def test_table2_measures_every_available_path(tiny_artifacts, tiny_config, tmp_path):
+    cfg = _scaled(tiny_config, table2_seq_len=64, table2_k=3, table2_examples=5, table2_timed_steps=1)
+    out = tmp_path / "table2.csv"
+    df = write_table2(cfg, tiny_artifacts["target_json"], tiny_artifacts["hidden_dir"], out, config_files=["x.yaml"])
+    assert out.exists() and pd.read_csv(out).shape == df.shape
+    by = df.set_index("mask_strategy")
+    assert {"pard", "amortized"} <= set(by.index)
+    assert by.loc["amortized", "load_ratio_vs_peagle"] == 1.0 and by.loc["amortized", "epoch_ratio_vs_peagle"] == 1.0
+    assert (df["load_s_5_examples"] > 0).all()
+    assert by.loc["pard", "paper_load_s_128_examples"] == "718.5"
+    prov = json.loads((tmp_path / "table2.provenance.json").read_text())
+    assert prov["table"] == "table2" and prov["config_files"] == ["x.yaml"]
+    assert "NOT a full epoch" in prov["method"]["epoch_time"]
+    meas = prov["measurements"]["amortized"]
+    assert all(m["epoch_s"] > 0 for m in prov["measurements"].values())
+    assert len(meas["fwd_bwd_s"]) == 1 and meas["elements_mean"] > 63
+    # Epoch = ceil(training-set tokens / seq_len) examples of seq_len tokens.
+    total = prov["data"]["train_tokens"]
+    assert prov["setting"]["examples_per_epoch"] == -(-total // 64)
+
+
+def test_memory_configurations_measure_shared_cells_once(tiny_config):
+    cfg = _scaled(tiny_config, memory_contexts=[64, 128], memory_partitions=[1, 2], memory_partition_ctx=128)
+    confs = membench.configurations(cfg, ["amortized", "pard"], with_partitions=True)
+    keys = [(c["strategy"], c["ctx"], c["partitions"]) for c in confs]
+    assert len(keys) == len(set(keys)) == 6
+    assert ("amortized", 128, 2) in keys and ("pard", 64, 1) in keys
+    no_s = membench.configurations(cfg, ["amortized"], with_partitions=False)
+    assert all(c["partitions"] == 1 for c in no_s)
+
+
+def test_memory_sweep_records_ok_and_oom_in_subprocesses(tmp_path):
+    overlay = {
+        "target": {"hidden_size": 64, "num_heads": 2, "num_kv_heads": 2, "vocab_size": 300},
+        "drafter": {"num_layers": 1, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 64},
+        "scaling": {"memory_k": 4, "memory_contexts": [32, 1500], "memory_partitions": [1, 2],
+                    "memory_partition_ctx": 32, "memory_strategies": ["amortized", "no-such-strategy"],
+                    "memory_budget_mb": 48},
+    }
+    (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay))
+    files = [str(ROOT / "config" / "tiny.yaml"), str(tmp_path / "overlay.yaml")]
+    cfg = load_config(*files)
+    logs = []
+    df = membench.run_sweep(cfg, tmp_path / "mem.csv", config_files=files, figure=str(tmp_path / "mem.png"),
+                            timeout_s=120, log=logs.append)
+    cells = {(r.ctx, r.partitions): r for r in df.itertuples()}
+    assert set(df["strategy"]) == {"amortized"}
+    assert any("no-such-strategy" in m for m in logs)
+    ok = cells[(32, 1)]
+    assert ok.status == "ok" and ok.peak_mb > ok.baseline_mb > 0 and ok.step_s > 0 and ok.steps_run == 2
+    assert cells[(1500, 1)].status == "OOM" and cells[(1500, 1)].budget_mb == 48
+    assert cells[(32, 2)].status == "ok"
+    assert (tmp_path / "mem.png").exists() and (tmp_path / "mem.pdf").exists()
+    prov = json.loads((tmp_path / "mem.provenance.json").read_text())
+    assert prov["strategies_skipped"] == ["no-such-strategy"] and prov["partitions_available"]
+
+
+def test_fig3_masks_are_position_invariant():
+    from peagle.figures import fig3_masks, mask_classes
+
+    short_lay, short, long_lay, long = fig3_masks(3, 7, 3)
+    assert short.shape == (9, 9) and long.shape == (21, 21)
+    assert torch.equal(long[:9, :9], short)
+    cls = mask_classes(long_lay, long)
+    assert set(cls.ravel().tolist()) == {0, 1, 2}
+
+
+def test_fig4_segments_follow_algorithm_1():
+    from peagle.figures import fig4_grid
+
+    grid, layout, seg = fig4_grid(16, 4, partitions=4)
+    assert grid.shape == (4, 16)
+    # Depth 0: own position; depth >= 1: the depth-1 position a + 1.
+    for a, d, s in zip(layout.anchor.tolist(), layout.depth.tolist(), seg.tolist()):
+        assert s == ((a if d == 0 else a + 1) * 4) // 16
+        assert grid[d, a + d] == s
+
+
+def test_write_figures(tiny_config, tmp_path):
+    from peagle.figures import write_figures
+
+    paths = write_figures(tiny_config, tmp_path)
+    assert sorted(p.name for p in paths) == ["fig3_mask.pdf", "fig3_mask.png", "fig4_partition.pdf",
+                                             "fig4_partition.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
+@pytest.mark.parametrize("cmd", ["table2", "figures", "memory-scaling"])
+def test_cli_has_the_commands(cmd):
+    from peagle.cli import build_parser
+
+    with pytest.raises(SystemExit) as err:
+        build_parser().parse_args([cmd, "--help"])
+    assert err.value.code == 0
