@@ -31,6 +31,7 @@ wildcard_constraints:
     ctx=r"\d+",
     k=r"\d+",
     evalset=r"[a-z0-9_]+",
+    target=r"[A-Za-z0-9][A-Za-z0-9.-]*",
 
 
 include: "workflow/rules/common.smk"
@@ -46,6 +47,9 @@ include: "workflow/rules/scaling.smk"
 localrules:
     all,
     table1,
+    table9,
+    drafting_cost,
+    compare,
 
 
 rule all:
@@ -53,3 +57,7 @@ rule all:
     input:
         TABLE1_CSV,
         TABLE1_PROVENANCE,
+        TABLE9_CSV,
+        TABLE9_PROVENANCE,
+        DRAFTING_COST_CSV,
+        COMPARISON,

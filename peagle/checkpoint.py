@@ -28,8 +28,15 @@ class CheckpointError(ValueError):
     """A drafter checkpoint is missing, incomplete or inconsistent."""
 
 
+MASK_TOKEN_KEYS = ("mask_token_id", "pard_token", "ptd_token_id")
+
+
 def vllm_config(spec: DrafterSpec, meta: dict[str, Any]) -> dict[str, Any]:
-    """config.json for vLLM's EAGLE-3 loader; the mask token is written under every key vLLM reads."""
+    """config.json for vLLM's EAGLE-3 loader (method ``eagle3`` for both kinds).
+
+    P-EAGLE: the mask token under every key some vLLM version reads. EAGLE-3 (``spec.parallel``
+    False): none of them, so nothing marks the checkpoint as a parallel drafter.
+    """
     return {
         "architectures": ["LlamaForCausalLMEagle3"],
         "model_type": "llama",
@@ -49,9 +56,7 @@ def vllm_config(spec: DrafterSpec, meta: dict[str, Any]) -> dict[str, Any]:
         "tie_word_embeddings": False,
         "norm_before_residual": False,
         "eagle_aux_hidden_state_layer_ids": list(spec.aux_layer_ids),
-        "mask_token_id": spec.mask_token_id,
-        "pard_token": spec.mask_token_id,
-        "ptd_token_id": spec.mask_token_id,
+        **({key: spec.mask_token_id for key in MASK_TOKEN_KEYS} if spec.parallel else {}),
         "torch_dtype": "float32",
         "peagle": {"spec": spec.to_dict(), **meta},
     }
@@ -100,6 +105,125 @@ def load_drafter(directory: str | Path, device: str | torch.device = "cpu",
         raise CheckpointError(f"{path}: tensors do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.load_state_dict(state)
     return model.to(device=device, dtype=dtype).eval(), cfg
+
+
+_POSITIVE_INT_KEYS = ("hidden_size", "target_hidden_size", "intermediate_size", "num_hidden_layers",
+                      "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+                      "vocab_size", "draft_vocab_size")
+
+
+def _expected_shapes(cfg: dict[str, Any], parallel: bool) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape that vLLM's LlamaForCausalLMEagle3 loader expects for ``cfg``."""
+    h, th, inter = cfg["hidden_size"], cfg["target_hidden_size"], cfg["intermediate_size"]
+    q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
+    shapes = {"fc.weight": (h, 3 * th), "embed_tokens.weight": (cfg["vocab_size"], h), "norm.weight": (h,),
+              "lm_head.weight": (cfg["draft_vocab_size"], h)}
+    for i in range(cfg["num_hidden_layers"]):
+        pre, width = f"layers.{i}.", 2 * h if i == 0 else h  # layer 0 reads [embed, hidden]
+        shapes.update({pre + "input_layernorm.weight": (h,), pre + "post_attention_layernorm.weight": (h,),
+                       pre + "self_attn.q_proj.weight": (q, width), pre + "self_attn.k_proj.weight": (kv, width),
+                       pre + "self_attn.v_proj.weight": (kv, width), pre + "self_attn.o_proj.weight": (h, q),
+                       pre + "mlp.gate_proj.weight": (inter, h), pre + "mlp.up_proj.weight": (inter, h),
+                       pre + "mlp.down_proj.weight": (h, inter)})
+    shapes["layers.0.hidden_norm.weight"] = (h,)
+    if parallel:
+        shapes["mask_hidden"] = (1, 1, 3 * th)
+    return shapes
+
+
+def check_export(directory: str | Path) -> None:
+    """Validate a drafter checkpoint the way vLLM will read it, without vLLM (DESIGN §7).
+
+    config.json: architecture, positive decoder sizes, three distinct non-negative aux layer ids,
+    and the mask token under all of ``mask_token_id``/``pard_token``/``ptd_token_id`` iff the
+    drafter is parallel (``peagle.spec.parallel``; without that block, iff any key is present).
+    model.safetensors: exactly the tensor names vLLM maps (``midlayer.*`` accepted for layer 0;
+    ``d2t`` [draft_vocab] required when the draft vocabulary is smaller, ``t2d`` optional) with
+    shapes consistent with the config and floating dtypes; ``mask_hidden`` [1, 1, 3H] present
+    iff parallel. Raises :class:`CheckpointError` naming the file and every problem found there.
+    """
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    problems = []
+    if cfg.get("architectures") != ["LlamaForCausalLMEagle3"]:
+        problems.append(f"architectures is {cfg.get('architectures')!r}, expected ['LlamaForCausalLMEagle3']")
+    for key in _POSITIVE_INT_KEYS + ("rms_norm_eps", "rope_theta"):
+        val = cfg.get(key)
+        ok = (type(val) is int) if key in _POSITIVE_INT_KEYS else isinstance(val, (int, float))
+        if not ok or isinstance(val, bool) or val <= 0:
+            problems.append(f"{key} is {val!r}, expected a positive {'int' if key in _POSITIVE_INT_KEYS else 'number'}")
+    if not problems:
+        if cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
+            problems.append("num_attention_heads is not a multiple of num_key_value_heads")
+        if cfg["draft_vocab_size"] > cfg["vocab_size"]:
+            problems.append("draft_vocab_size exceeds vocab_size")
+    # What this suite's drafter computes; vLLM would silently run a different function otherwise.
+    for key, want in (("hidden_act", "silu"), ("norm_before_residual", False), ("tie_word_embeddings", False)):
+        if cfg.get(key, want) != want:
+            problems.append(f"{key} is {cfg[key]!r}, the drafter was built with {want!r}")
+    aux = cfg.get("eagle_aux_hidden_state_layer_ids")
+    if not (isinstance(aux, list) and len(aux) == 3 and all(type(i) is int and i >= 0 for i in aux)
+            and len(set(aux)) == 3):
+        problems.append(f"eagle_aux_hidden_state_layer_ids is {aux!r}, expected three distinct layer ids "
+                        "(vLLM dedups repeated ids)")
+    spec = cfg.get("peagle", {}).get("spec", {}) if isinstance(cfg.get("peagle"), dict) else {}
+    present = [k for k in MASK_TOKEN_KEYS if k in cfg]
+    parallel = bool(spec.get("parallel", True)) if spec else bool(present)
+    if parallel:
+        ids = {cfg.get(k) for k in MASK_TOKEN_KEYS}
+        vocab = cfg.get("vocab_size") if type(cfg.get("vocab_size")) is int else None
+        if len(present) < 3 or len(ids) != 1 or not (type(cfg.get("mask_token_id")) is int
+                                                     and (vocab is None or 0 <= cfg["mask_token_id"] < vocab)):
+            problems.append(f"a parallel (P-EAGLE) drafter needs one in-vocabulary mask token id under all of "
+                            f"{list(MASK_TOKEN_KEYS)}, found {({k: cfg[k] for k in present})}")
+    elif present:
+        problems.append(f"an EAGLE-3 drafter must not carry {present}: they mark a parallel drafter")
+    if problems:
+        raise CheckpointError(f"{path}: " + "; ".join(problems))
+
+    path = directory / WEIGHTS_NAME
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = {}
+            for name in f.keys():
+                sl = f.get_slice(name)
+                found[name.replace("midlayer.", "layers.0.", 1) if name.startswith("midlayer.") else name] = (
+                    tuple(sl.get_shape()), sl.get_dtype())
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path}: unreadable ({err})") from None
+    expected = _expected_shapes(cfg, parallel)
+    optional = {"t2d": (cfg["vocab_size"],)}
+    (expected if cfg["draft_vocab_size"] < cfg["vocab_size"] else optional)["d2t"] = (cfg["draft_vocab_size"],)
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected) - set(optional))
+    if "mask_hidden" in unexpected:
+        problems.append("has mask_hidden, which makes vLLM treat it as a P-EAGLE drafter, but the config "
+                        "says EAGLE-3")
+        unexpected.remove("mask_hidden")
+    if missing:
+        problems.append(f"missing tensors {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected}")
+    for name, (shape, dtype) in sorted(found.items()):
+        want = expected.get(name, optional.get(name))
+        if want is not None and shape != want:
+            problems.append(f"{name} has shape {list(shape)}, config implies {list(want)}")
+        if name not in ("d2t", "t2d") and dtype not in ("F16", "BF16", "F32", "F64"):
+            problems.append(f"{name} has dtype {dtype}, expected a floating type")
+    if problems:
+        raise CheckpointError(f"{path}: " + "; ".join(problems))
 
 
 def load_trainer_state(directory: str | Path) -> dict[str, Any]:

@@ -50,7 +50,7 @@ def cmd_data(args) -> None:
 
 def cmd_target(args) -> None:
     cfg = _config(args)
-    tc = cfg.target
+    tc = cfg.target_named(args.name) if args.name else cfg.target
     out = Path(args.out_dir)
     if tc.kind == "hf":
         from peagle.target import resolve_hf_target
@@ -76,7 +76,9 @@ def cmd_target(args) -> None:
     arch = TinyTargetConfig(architecture=tc.architecture, hidden_size=tc.hidden_size, num_layers=tc.num_layers,
                             num_heads=tc.num_heads, num_kv_heads=tc.num_kv_heads,
                             intermediate_size=tc.intermediate_size,
-                            max_position_embeddings=tc.max_position_embeddings, seed=cfg.seed)
+                            max_position_embeddings=tc.max_position_embeddings, seed=cfg.seed,
+                            num_experts=tc.num_experts, num_experts_per_tok=tc.num_experts_per_tok,
+                            moe_intermediate_size=tc.moe_intermediate_size)
     model = build_tiny_target(arch, tok)
     _log(f"tiny target: {count_parameters(model) / 1e6:.2f}M parameters, pretraining {tc.pretrain.steps} steps")
     p = tc.pretrain
@@ -129,6 +131,9 @@ def cmd_train(args) -> None:
     if summary.get("status") == "OOM":
         _log(f"OUT OF MEMORY under train.memory_budget_mb={summary['budget_mb']}: {summary['error']} "
              f"(recorded in {args.out_dir}/summary.json)")
+    elif summary.get("status") == "infeasible":
+        _log(f"INFEASIBLE: projected epoch {summary['projected_epoch_s']:.0f} s > train.time_budget_s_per_epoch="
+             f"{summary['time_budget_s_per_epoch']:.0f} s (recorded in {args.out_dir}/summary.json)")
 
 
 def cmd_evaluate(args) -> None:
@@ -177,6 +182,46 @@ def cmd_memory_scaling(args) -> None:
               budget_mb=args.budget_mb, figure=args.figure, timeout_s=args.timeout, **overrides(args), log=_log)
 
 
+def cmd_table9(args) -> None:
+    cfg = _config(args)
+    from peagle.tables import write_table9
+
+    df = write_table9(cfg, args.evals, args.out, config_files=args.config)
+    print(df.to_string(index=False))
+
+
+def cmd_drafting_cost(args) -> None:
+    cfg = _config(args)
+    _threads(cfg)
+    from peagle.bench.drafting_cost import write_drafting_cost
+
+    dc = getattr(cfg, "drafting_cost", None)
+    ks = args.ks or getattr(dc, "ks", None) or [3, 5, 7]
+    n_prompts = args.n_prompts or getattr(dc, "n_prompts", None) or 8
+    max_new = args.max_new_tokens or getattr(dc, "max_new_tokens", None) or cfg.eval.max_new_tokens
+    df = write_drafting_cost(cfg, args.target, args.drafters, args.prompts, ks, n_prompts, max_new, args.out,
+                             config_files=args.config, progress=not args.no_progress, log=_log)
+    print(df.to_string(index=False))
+
+
+def cmd_compare(args) -> None:
+    from peagle.compare import compare_tables
+    from peagle.io import atomic_write_text
+
+    text = compare_tables(args.tables_dir)
+    print(text, end="")
+    if args.out:
+        atomic_write_text(args.out, text)
+        _log(f"comparison written to {args.out}")
+
+
+def cmd_concat_csv(args) -> None:
+    from peagle.tables import concat_csv
+
+    df = concat_csv(args.inputs, args.out)
+    _log(f"{len(df)} rows from {len(args.inputs)} files written to {args.out}")
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -194,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("data", cmd_data, "make or load prompts: train.jsonl, eval_*.jsonl, manifest.json")
     sp.add_argument("--out-dir", required=True)
     sp = add("target", cmd_target, "build+pretrain the tiny target, or record the HF target")
+    sp.add_argument("--name", help="which of the profile's targets (default: the main `target`)")
     sp.add_argument("--data-dir", required=True)
     sp.add_argument("--out-dir", required=True)
     sp = add("respond", cmd_respond, "regenerate training responses with the target (greedy)")
@@ -212,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out-dir", required=True)
     sp = add("evaluate", cmd_evaluate, "acceptance length with the speculative-decoding engine")
     sp.add_argument("--target", required=True)
-    sp.add_argument("--drafter", required=True)
+    sp.add_argument("--drafter", required=True,
+                    help="a drafter checkpoint dir, or a training run dir (summary.json + final/)")
     sp.add_argument("--prompts", required=True)
     sp.add_argument("--k", type=int, required=True)
     sp.add_argument("--out", required=True)
@@ -240,6 +287,27 @@ def build_parser() -> argparse.ArgumentParser:
     from peagle.bench.memory import add_overrides
 
     add_overrides(sp)
+    sp = add("table9", cmd_table9, "paper Table 9: EAGLE-3 vs P-EAGLE acceptance length per target and set")
+    sp.add_argument("--evals", nargs="+", required=True)
+    sp.add_argument("--out", required=True)
+    sp = add("drafting-cost", cmd_drafting_cost,
+             "engine drafting/verification ms per round and tokens/s vs K, one target (CPU Table 10)")
+    sp.add_argument("--target", required=True, help="target.json")
+    sp.add_argument("--drafters", nargs="+", required=True, help="drafter checkpoint directories")
+    sp.add_argument("--prompts", required=True, help="evaluation prompts (eval_*.jsonl)")
+    sp.add_argument("--ks", type=int, nargs="+", help="K values (default: drafting_cost.ks)")
+    sp.add_argument("--n-prompts", type=int, help="timed prompts (default: drafting_cost.n_prompts)")
+    sp.add_argument("--max-new-tokens", type=int, help="default: drafting_cost.max_new_tokens")
+    sp.add_argument("--out", required=True, help="CSV (provenance sidecar written beside it)")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sp = sub.add_parser("compare", help="regenerated tables beside the paper's numbers, with verdicts")
+    sp.set_defaults(fn=cmd_compare)
+    sp.add_argument("--tables-dir", default="paper_tables")
+    sp.add_argument("--out", help="also write the report here")
+    sp = sub.add_parser("concat-csv", help="stack CSVs with the same columns (e.g. drafting cost per target)")
+    sp.set_defaults(fn=cmd_concat_csv)
+    sp.add_argument("inputs", nargs="+")
+    sp.add_argument("--out", required=True)
     return p
 
 

@@ -8,6 +8,7 @@ dotted key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -87,16 +88,26 @@ class TargetConfig:
     max_position_embeddings: int = 2048
     aux_layer_ids: list[int] | None = None
     mask_token_id: int | None = None
+    # Mixture-of-experts targets (architecture qwen3_moe) only.
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 256
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def __post_init__(self) -> None:
         if self.kind == "hf":
-            _check(bool(self.path), "target.path", "a Hugging Face id or local dir is required for kind: hf")
-        _check(self.hidden_size % self.num_heads == 0, "target.hidden_size", "must be divisible by target.num_heads")
+            _check(bool(self.path), "*.path", "a Hugging Face id or local dir is required for kind: hf")
+        else:
+            _check(self.architecture in ("llama", "qwen3_moe"), "*.architecture",
+                   f"{self.architecture!r}: tiny targets are built as llama or qwen3_moe")
+            _check(1 <= self.num_experts_per_tok <= self.num_experts, "*.num_experts_per_tok",
+                   "must be in [1, num_experts]")
+            _check(self.moe_intermediate_size >= 1, "*.moe_intermediate_size", "must be >= 1")
+        _check(self.hidden_size % self.num_heads == 0, "*.hidden_size", "must be divisible by target.num_heads")
         if self.aux_layer_ids is not None:
             ids = self.aux_layer_ids
-            _check(len(ids) == 3 and len(set(ids)) == 3, "target.aux_layer_ids", f"need three distinct ids, got {ids}")
-            _check(all(0 <= i < self.num_layers for i in ids), "target.aux_layer_ids",
+            _check(len(ids) == 3 and len(set(ids)) == 3, "*.aux_layer_ids", f"need three distinct ids, got {ids}")
+            _check(all(0 <= i < self.num_layers for i in ids), "*.aux_layer_ids",
                    f"ids must lie in [0, {self.num_layers}), got {ids}")
 
 
@@ -160,7 +171,15 @@ class TrainConfig:
     # Cap on one training run's memory in MiB (weights, gradients, optimizer, activations;
     # see peagle.memory). Exceeding it ends the run with status OOM; None = no cap.
     memory_budget_mb: int | None = None
+    # Longest acceptable epoch in seconds (the paper's line is 10 h on 8xH200). The run measures
+    # its first ``budget_probe_steps`` optimizer steps and stops with status "infeasible" when
+    # step time x steps per epoch exceeds it; None = no limit.
+    time_budget_s_per_epoch: float | None = None
+    budget_probe_steps: int = 2
     loss: Literal["kl", "ce"] = "kl"
+    # Supervised elements per chunk through the [V, H] heads (recomputed in backward); bounds the
+    # [chunk, V] logits at large vocabularies. None: one chunk.
+    loss_chunk_rows: int | None = 4096
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     seed: int = 0
@@ -178,6 +197,53 @@ class TrainConfig:
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
         _check(self.memory_budget_mb is None or self.memory_budget_mb >= 1, "train.memory_budget_mb",
                "must be >= 1 (MiB) or null")
+        _check(self.time_budget_s_per_epoch is None or self.time_budget_s_per_epoch > 0,
+               "train.time_budget_s_per_epoch", "must be > 0 (seconds) or null")
+        _check(self.budget_probe_steps >= 1, "train.budget_probe_steps", "must be >= 1")
+        _check(self.loss_chunk_rows is None or self.loss_chunk_rows >= 1, "train.loss_chunk_rows",
+               "must be >= 1 or null")
+
+
+MASK_STRATEGIES = ("amortized", "pard", "reference", "maskfree")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """One drafter family (DESIGN §2, §5); unset (null) fields take the drafter/train values.
+
+    parallel: K drafts from one pass over mask slots (P-EAGLE, PARD, ParallelSpec) rather than K
+    autoregressive passes (EAGLE-3). cod: COD-sampled depths; false trains on the full n x K grid
+    (ParallelSpec). ttt_steps/ttt_decay: EAGLE-3's training-time test (unrolled steps, weight
+    decay**s per step); ignored by parallel methods.
+    """
+
+    num_layers: int | None = None
+    parallel: bool = True
+    cod: bool = True
+    mask_strategy: Literal["amortized", "pard", "reference", "maskfree"] | None = None
+    partitions: int | None = None
+    embed_trainable: bool | None = None
+    ttt_steps: int = 7
+    ttt_decay: float = 0.8
+
+    def __post_init__(self) -> None:
+        _check(self.num_layers is None or self.num_layers >= 1, "*.num_layers", "must be >= 1")
+        _check(self.partitions is None or (isinstance(self.partitions, int) and self.partitions >= 1),
+               "*.partitions", "must be a positive integer or null")
+        _check(self.ttt_steps >= 1, "*.ttt_steps", "must be >= 1")
+        _check(0 < self.ttt_decay <= 1, "*.ttt_decay", "must be in (0, 1]")
+        if not self.parallel:
+            _check(self.cod and self.mask_strategy is None and self.partitions is None, "*.parallel",
+                   "an autoregressive (parallel: false) method takes no cod/mask_strategy/partitions")
+
+
+# The four drafter families of the paper's comparisons; a profile's ``methods:`` is merged over these.
+DEFAULT_METHODS: dict[str, dict[str, Any]] = {
+    "peagle": {},
+    "pard": {"mask_strategy": "pard"},
+    "parallelspec": {"num_layers": 1, "cod": False},
+    "eagle3": {"num_layers": 1, "parallel": False, "embed_trainable": False},
+}
 
 
 @dataclass(frozen=True)
@@ -204,14 +270,45 @@ class Table1Config:
     paper_contexts: list[int] = field(default_factory=lambda: [1024, 4096, 8192, 20480])
     eval_set: str = "mt_bench"
     k: int = 5
-    methods: list[str] = field(default_factory=lambda: ["peagle"])
+    methods: list[str] = field(default_factory=lambda: ["parallelspec", "pard", "peagle"])
+    target: str | None = None  # a target name; None: the profile's main ``target``
 
     def __post_init__(self) -> None:
         _check(len(self.contexts) == len(self.paper_contexts), "table1.paper_contexts",
                "must have one entry per table1.contexts entry")
         _check(all(c >= 8 for c in self.contexts), "table1.contexts", "each context must be >= 8 tokens")
-        bad = sorted(set(self.methods) - {"peagle"})
-        _check(not bad, "table1.methods", f"unknown methods {bad}; available: peagle")
+
+
+@dataclass(frozen=True)
+class Table9Config:
+    """EAGLE-3 vs P-EAGLE acceptance length per target and evaluation set (paper Table 9)."""
+
+    targets: list[str] | None = None  # target names; None: every target of the profile
+    methods: list[str] = field(default_factory=lambda: ["eagle3", "peagle"])
+    eval_sets: list[str] = field(default_factory=lambda: ["mt_bench", "humaneval", "gsm8k"])
+    k: int = 5
+    ctx: int = 8192  # training context length of these drafters
+
+    def __post_init__(self) -> None:
+        _check(self.k >= 1, "table9.k", "must be >= 1")
+        _check(self.ctx >= 8, "table9.ctx", "must be >= 8 tokens")
+        bad = sorted(set(self.eval_sets) - {"mt_bench", "humaneval", "gsm8k"})
+        _check(not bad, "table9.eval_sets", f"unknown evaluation sets {bad}; use mt_bench, humaneval, gsm8k")
+
+
+@dataclass(frozen=True)
+class DraftingCostConfig:
+    """Engine drafting/verification time per round vs K (the CPU counterpart of Table 10)."""
+
+    ks: list[int] = field(default_factory=lambda: [3, 5, 7])
+    methods: list[str] = field(default_factory=lambda: ["eagle3", "peagle"])
+    eval_set: str = "mt_bench"
+    n_prompts: int = 8
+    max_new_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        _check(all(k >= 1 for k in self.ks), "drafting_cost.ks", "each K must be >= 1")
+        _check(self.n_prompts >= 1, "drafting_cost.n_prompts", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -257,7 +354,54 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     table1: Table1Config = field(default_factory=Table1Config)
+    table9: Table9Config = field(default_factory=Table9Config)
+    drafting_cost: DraftingCostConfig = field(default_factory=DraftingCostConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    # Further targets (Table 9 runs every target); each has its own name, data and drafters.
+    extra_targets: list[TargetConfig] = field(default_factory=list)
+    methods: dict[str, MethodConfig] = field(
+        default_factory=lambda: {k: MethodConfig(**v) for k, v in DEFAULT_METHODS.items()})
+
+    def __post_init__(self) -> None:
+        names = [t.name for t in self.targets]
+        _check(len(set(names)) == len(names), "extra_targets", f"target names must be unique, got {names}")
+        for name in names:
+            _check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", name) is not None, "target.name",
+                   f"{name!r}: use letters, digits, '.' and '-' (it names result directories)")
+        for key, methods in (("table1.methods", self.table1.methods), ("table9.methods", self.table9.methods),
+                             ("drafting_cost.methods", self.drafting_cost.methods)):
+            bad = sorted(set(methods) - set(self.methods))
+            _check(not bad, key, f"unknown methods {bad}; defined in methods: {', '.join(self.methods)}")
+        for name in self.methods:
+            _check(re.fullmatch(r"[a-z0-9]+", name) is not None, f"methods.{name}",
+                   "method names are lower-case letters and digits (they name result directories)")
+        for key, wanted in (("table1.target", [self.table1.target]), ("table9.targets", self.table9.targets)):
+            bad = sorted(set(w for w in wanted or [] if w is not None) - set(names))
+            _check(not bad, key, f"unknown targets {bad}; the profile's targets are {names}")
+
+    @property
+    def targets(self) -> list[TargetConfig]:
+        """The main target first, then ``extra_targets``."""
+        return [self.target, *self.extra_targets]
+
+    def target_named(self, name: str) -> TargetConfig:
+        for t in self.targets:
+            if t.name == name:
+                return t
+        raise ConfigError(f"no target named {name!r}; the profile's targets are {[t.name for t in self.targets]}")
+
+    @property
+    def table1_target(self) -> str:
+        return self.table1.target or self.target.name
+
+    @property
+    def table9_targets(self) -> list[str]:
+        return self.table9.targets or [t.name for t in self.targets]
+
+    def method(self, name: str) -> MethodConfig:
+        if name not in self.methods:
+            raise ConfigError(f"unknown method {name!r}; defined in methods: {', '.join(self.methods)}")
+        return self.methods[name]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -326,9 +470,19 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
         return cls(**kwargs)
     except TypeError as err:  # a required field is missing
         raise ConfigError(f"{prefix or 'config'}: {err}") from None
+    except ConfigError as err:
+        # Sections used at several places (targets, methods) name their keys relative to "*".
+        msg = str(err)
+        raise ConfigError(prefix + msg[1:] if msg.startswith("*.") else msg) from None
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
+    raw = dict(raw)
+    methods = raw.get("methods") or {}
+    if not isinstance(methods, dict):
+        raise ConfigError(f"methods: expected a mapping, got {type(methods).__name__}")
+    # A profile adds methods or changes fields of the default ones; it never drops one silently.
+    raw["methods"] = _deep_merge(DEFAULT_METHODS, methods)
     return _build(Config, raw, "")
 
 

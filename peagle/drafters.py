@@ -1,5 +1,10 @@
 """The P-EAGLE drafter (DESIGN §2): an EAGLE-3-style Llama head that drafts K tokens in one pass.
 
+The same module is the EAGLE-3 baseline (DESIGN §5) when ``spec.parallel`` is False: no
+``mask_hidden`` (vLLM takes a ``mask_hidden`` tensor as the mark of a P-EAGLE drafter), and the
+hidden input of a drafted token is the drafter's own previous pre-norm output, H wide, used
+without ``fc`` (as vLLM's ``llama_eagle3`` does: fc applies only to 3H-wide target features).
+
 Shapes: B batch, L elements, H target hidden size, V vocabulary. Parameter names follow vLLM's
 ``LlamaForCausalLMEagle3`` so ``state_dict()`` is the exported checkpoint as it is (DESIGN §7).
 
@@ -36,6 +41,9 @@ class DrafterSpec:
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096
     mask_hidden_init_std: float = 1.0
+    # False = EAGLE-3 (autoregressive, no mask_hidden). Defaults to True so that checkpoints
+    # written before the field existed load as the P-EAGLE drafters they are.
+    parallel: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,8 +111,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(spec.num_heads * spec.head_dim, spec.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, attn_mask, cache: KVCache | None, layer: int):
-        """x [B, L, in_dim]; attn_mask bool [B, L, L_keys] (True = attend) or an
-        :class:`~peagle.attention.ElementMeta` (mask-free cross-depth attention); -> [B, L, H]."""
+        """x [B, L, in_dim]; attn_mask bool [B, L, L_keys] (True = attend), an
+        :class:`~peagle.attention.ElementMeta` (mask-free cross-depth attention) or an object with
+        ``attend(layer, q, k, v) -> out`` (q [B, heads, L, hd], k/v [B, kv_heads, L, hd] after RoPE,
+        out [B, heads, L, hd]; EAGLE-3's training-time test, :mod:`peagle.eagle3`); -> [B, L, H]."""
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -116,6 +126,10 @@ class Attention(nn.Module):
             if cache is not None:
                 raise ValueError("mask-free attention (ElementMeta) is for training; it takes no KV cache")
             out = element_attention(q, k, v, attn_mask)
+        elif hasattr(attn_mask, "attend"):
+            if cache is not None:
+                raise ValueError("a custom attention (attend) keeps its own keys; it takes no KV cache")
+            out = attn_mask.attend(layer, q, k, v)
         else:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask[:, None], enable_gqa=self.num_kv_heads != self.num_heads
@@ -162,7 +176,8 @@ def causal_mask_with_cache(new: int, cached: int, batch: int, device) -> torch.T
 
 
 class PEagleDrafter(nn.Module):
-    """fc (3H->H) + token embedding + N decoder layers + final norm + LM head + ``mask_hidden``."""
+    """fc (3H->H) + token embedding + N decoder layers + final norm + LM head (+ ``mask_hidden``
+    when ``spec.parallel``; an EAGLE-3 drafter has none)."""
 
     def __init__(self, spec: DrafterSpec) -> None:
         super().__init__()
@@ -174,7 +189,9 @@ class PEagleDrafter(nn.Module):
         self.norm = RMSNorm(h, spec.rms_norm_eps)
         self.lm_head = nn.Linear(h, spec.vocab_size, bias=False)
         # One learnable 3H vector shared by every depth: the hidden input of all mask slots.
-        self.mask_hidden = nn.Parameter(torch.randn(1, 1, 3 * h) * spec.mask_hidden_init_std)
+        # Not even registered for EAGLE-3, so its state_dict / export has no such tensor.
+        self.mask_hidden = (nn.Parameter(torch.randn(1, 1, 3 * h) * spec.mask_hidden_init_std)
+                            if spec.parallel else None)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -184,35 +201,55 @@ class PEagleDrafter(nn.Module):
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=0.02)
 
+    def _input_hidden(self, hidden: torch.Tensor | None, is_mask: torch.Tensor | None, b: int,
+                      n: int) -> torch.Tensor:
+        """Layer 0's hidden half [B, L, H]: fc(3H features), H-wide inputs as they are, fc(mask_hidden)
+        on mask slots."""
+        width = self.spec.hidden_size
+        if hidden is not None and hidden.shape[-1] not in (width, 3 * width):
+            raise ValueError(f"hidden input has width {hidden.shape[-1]}; expected {3 * width} (target "
+                             f"features) or {width} (the drafter's own output)")
+        if self.mask_hidden is None:
+            if hidden is None or (is_mask is not None and bool(is_mask.any())):
+                raise ValueError("an EAGLE-3 drafter (spec.parallel False) has no mask slots")
+            hidden = hidden.to(self.fc.weight.dtype)
+            return hidden if hidden.shape[-1] == width else self.fc(hidden)
+        mask_h = self.fc(self.mask_hidden)  # [1, 1, H]
+        if hidden is None:
+            return mask_h.expand(b, n, -1)
+        hidden = hidden.to(mask_h.dtype)
+        h = hidden if hidden.shape[-1] == width else self.fc(hidden)
+        return h if is_mask is None else torch.where(is_mask[..., None], mask_h, h)
+
     def forward_hidden(
         self,
         input_ids: torch.Tensor,
         hidden: torch.Tensor | None,
-        is_mask: torch.Tensor,
+        is_mask: torch.Tensor | None,
         positions: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
+        attn_mask=None,
         cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """Final normed hidden states [B, L, H].
+        return_prenorm: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Final normed hidden states [B, L, H] (and, with ``return_prenorm``, the last layer's
+        residual-stream output before the final norm, [B, L, H]: EAGLE-3's next hidden input).
 
-        input_ids [B, L]; hidden [B, L, 3H] target features (ignored where ``is_mask``; may be None
-        when every element is a mask slot); is_mask bool [B, L]; positions [B, L] (anchor + depth);
-        attn_mask bool [B, L, L_keys], an ElementMeta of the L elements (mask-free), or None for
-        causal attention over ``cache`` + these elements.
+        input_ids [B, L]; hidden [B, L, 3H] target features, or [B, L, H] states already in the
+        drafter's width (used without ``fc``); ignored where ``is_mask``; may be None when every
+        element is a mask slot. is_mask bool [B, L] or None (no mask slots); positions [B, L]
+        (anchor + depth); attn_mask bool [B, L, L_keys], an ElementMeta of the L elements
+        (mask-free), an ``attend`` object (see :class:`Attention`), or None for causal attention
+        over ``cache`` + these elements.
         """
         b, n = input_ids.shape
-        mask_h = self.fc(self.mask_hidden)  # [1, 1, H]
-        if hidden is None:
-            h = mask_h.expand(b, n, -1)
-        else:
-            h = torch.where(is_mask[..., None], mask_h, self.fc(hidden.to(mask_h.dtype)))
+        h = self._input_hidden(hidden, is_mask, b, n)
         embeds = self.embed_tokens(input_ids)
         if attn_mask is None:
             attn_mask = causal_mask_with_cache(n, 0 if cache is None else cache.length, b, input_ids.device)
         cos, sin = rope_cos_sin(positions, self.spec.head_dim, self.spec.rope_theta, h.dtype)
         for i, layer in enumerate(self.layers):
             h = layer(h, embeds, cos, sin, attn_mask, cache, i)
-        return self.norm(h)
+        return (self.norm(h), h) if return_prenorm else self.norm(h)
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         """Logits [B, L, V]; same arguments as :meth:`forward_hidden`."""

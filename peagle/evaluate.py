@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -24,10 +25,44 @@ def check_compatible(drafter_cfg: dict[str, Any], target_info: dict[str, Any], k
     if list(drafter_cfg["eagle_aux_hidden_state_layer_ids"]) != list(target_info["aux_layer_ids"]):
         raise EvaluationError(f"{path}: aux layer ids {drafter_cfg['eagle_aux_hidden_state_layer_ids']} != "
                               f"target's {target_info['aux_layer_ids']}")
-    k_train = drafter_cfg["peagle"].get("k_train")
+    k_train = drafter_cfg["peagle"].get("k_train")  # None for autoregressive drafters (any K)
     if k_train is not None and k > k_train:
         raise EvaluationError(f"{path}: K={k} exceeds the {k_train} depths this drafter was trained for; "
                               f"evaluate with k <= {k_train} or retrain with a larger train.k_train")
+
+
+def training_outcome(drafter_dir: Path) -> tuple[Path, dict[str, Any] | None]:
+    """Resolve a run dir (summary.json + final/) or a checkpoint dir -> (checkpoint dir, summary).
+
+    The summary is None for a bare checkpoint dir.
+    """
+    summary_path = drafter_dir / "summary.json"
+    if not summary_path.exists():
+        return drafter_dir, None
+    try:
+        summary = json.loads(summary_path.read_text())
+    except json.JSONDecodeError as err:
+        raise EvaluationError(f"{summary_path}: not valid JSON ({err}); re-run the train rule") from None
+    if summary.get("status", "ok") == "ok" and not (drafter_dir / "final" / "config.json").exists():
+        raise EvaluationError(f"{summary_path} says the run finished, but {drafter_dir / 'final'} is missing; "
+                              "re-run the train rule")
+    return drafter_dir / "final", summary
+
+
+def not_trained_result(summary: dict[str, Any], drafter_dir: Path, prompts_path: str | Path, k: int) -> dict[str, Any]:
+    """The evaluation record of a cell whose training ended OOM or infeasible: the measurement."""
+    return {
+        "status": summary["status"],
+        "drafter": str(drafter_dir),
+        "method": summary.get("method"),
+        "ctx": summary.get("ctx"),
+        "target": summary.get("target"),
+        "target_name": summary.get("target_name"),
+        "eval_set": Path(prompts_path).stem.removeprefix("eval_"),
+        "k": k,
+        "acceptance_length": None,
+        "training": summary,
+    }
 
 
 def evaluate_drafter(
@@ -41,17 +76,24 @@ def evaluate_drafter(
     progress: bool = True,
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> dict[str, Any]:
-    """Speculative decoding over an evaluation set; returns acceptance figures and timings."""
+    """Speculative decoding over an evaluation set; returns acceptance figures and timings.
+
+    ``drafter_dir``: a checkpoint dir, or a training run dir (summary.json + final/). A run that
+    ended OOM or infeasible gives a record with that status and the training measurement.
+    """
     from tqdm import tqdm
 
     from peagle.checkpoint import load_drafter, read_config
     from peagle.data.schema import read_prompts
-    from peagle.spec_decode import DecodeStats, PEagleProposer, SpeculativeDecoder, TargetRunner, greedy_generate
+    from peagle.spec_decode import DecodeStats, SpeculativeDecoder, TargetRunner, greedy_generate, make_proposer
     from peagle.target import load_target, render_prompt_ids
 
+    drafter_dir, summary = training_outcome(Path(drafter_dir))
+    if summary is not None and summary.get("status", "ok") != "ok":
+        log(f"training ended {summary['status']}: recorded, nothing to decode")
+        return not_trained_result(summary, drafter_dir.parent, prompts_path, k)
     torch.set_num_threads(cfg.runtime.threads)
     device, dtype = torch.device(cfg.runtime.device), getattr(torch, cfg.runtime.dtype)
-    drafter_dir = Path(drafter_dir)
     model, tokenizer, info = load_target(target_json, device=device, dtype=dtype)
     check_compatible(read_config(drafter_dir), info, k, drafter_dir)
     drafter, dcfg = load_drafter(drafter_dir, device=device, dtype=dtype)
@@ -60,7 +102,7 @@ def evaluate_drafter(
     n_prompts = n_prompts if n_prompts is not None else cfg.eval.n_prompts
     records = records[:n_prompts] if n_prompts else records
     runner = TargetRunner(model, info["aux_layer_ids"])
-    engine = SpeculativeDecoder(runner, PEagleProposer(drafter), k=k, eos_id=info.get("eos_token_id"))
+    engine = SpeculativeDecoder(runner, make_proposer(drafter), k=k, eos_id=info.get("eos_token_id"))
     total = DecodeStats(k)
     lossless = []
     t0 = time.perf_counter()
@@ -76,11 +118,14 @@ def evaluate_drafter(
     if not all(c["equal"] for c in lossless):
         log(f"WARNING: speculative output differs from greedy decoding on {lossless}")
     result = {
+        "status": "ok",
         "drafter": str(drafter_dir),
         "method": dcfg["peagle"].get("method"),
         "ctx": dcfg["peagle"].get("ctx"),
         "drafter_layers": drafter.spec.num_layers,
         "target": info["path"],
+        "target_name": info.get("name"),
+        "target_architecture": info.get("architecture"),
         "eval_set": Path(prompts_path).stem.removeprefix("eval_"),
         "k": k,
         "prompts": len(records),
@@ -93,6 +138,7 @@ def evaluate_drafter(
         "wall_s": wall,
         "output_tokens_per_s": total.new_tokens / wall if wall else None,
         "lossless_checks": lossless,
+        "training": summary,
     }
     log(f"acceptance length {result['acceptance_length']:.3f} over {len(records)} prompts (K={k})")
     return result

@@ -148,6 +148,7 @@ def partitioned_backward(
     k: int,
     n_sup_total: int,
     scale: float = 1.0,
+    chunk_rows: int | None = None,
 ) -> tuple[float, dict[str, torch.Tensor]]:
     """Forward + backward of one example segment by segment; gradients accumulate in ``.grad``.
 
@@ -162,6 +163,7 @@ def partitioned_backward(
     Returns (summed loss over all supervised elements as a float -- the same quantity as
     ``example_loss``'s first output --, stats with per-depth ``correct`` and ``count`` [k]).
     Segments without a supervised owned element contribute nothing and are skipped.
+    chunk_rows: see :func:`peagle.train.head_loss`.
     """
     from peagle.train import example_loss  # deferred: peagle.train imports this module
 
@@ -174,7 +176,7 @@ def partitioned_backward(
         sub = segment_example(ex, plan)
         if not bool(sub.gate.any()):
             continue
-        loss, stats = example_loss(drafter, target_head, sub, mask_fn(plan.layout), kind, k)
+        loss, stats = example_loss(drafter, target_head, sub, mask_fn(plan.layout), kind, k, chunk_rows)
         (loss * norm).backward()
         total += float(loss.detach())
         correct += stats["correct"]

@@ -5,6 +5,9 @@ committed token plus the K drafts in one forward pass, the longest agreeing pref
 and the target's own next token is appended as the bonus. The target's KV cache is cropped back
 to the committed prefix, so the output equals the target's own greedy decoding token for token.
 
+:class:`PEagleProposer` drafts K tokens in one drafter pass; :class:`Eagle3Proposer` (the EAGLE-3
+baseline) in K chained passes; :func:`make_proposer` picks by ``drafter.spec.parallel``.
+
 Drafter rows follow DESIGN §1: row i pairs token x_{i+1} with the target's features g_i, so after
 a round that commits m drafts plus the bonus, m + 1 new rows become available to the drafter.
 """
@@ -111,6 +114,55 @@ class PEagleProposer:
         # Mask slots are scratch: only the real rows stay in the drafter's cache.
         self.cache.crop(rows)
         return logits[n_new - 1:].argmax(-1).tolist()
+
+
+class Eagle3Proposer:
+    """EAGLE-3 chain drafting (DESIGN §5): K drafter forwards per round.
+
+    One forward over the new real rows (kept in the drafter's KV cache) gives draft 1 at the last
+    real row; each further draft is one single-element forward: token = the previous draft,
+    hidden = the previous step's pre-norm output (H wide, no fc), position = previous + 1,
+    attending to the cache (real rows + the chain's earlier drafts). The drafts are then cropped
+    from the cache. This is the training-time test's attention rule (:mod:`peagle.eagle3`).
+    """
+
+    def __init__(self, drafter: PEagleDrafter) -> None:
+        self.drafter = drafter.eval()
+        self.device = next(drafter.parameters()).device
+        self.dtype = next(drafter.parameters()).dtype
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = KVCache(len(self.drafter.layers))
+
+    @torch.no_grad()
+    def draft_logits(self, tokens: list[int], aux: torch.Tensor, k: int,
+                     forced: list[int] | None = None) -> tuple[list[int], torch.Tensor]:
+        """Drafts and their logits [k, V]; ``forced`` (k - 1 tokens) replaces the fed-back drafts
+        (teacher forcing: step j's logits then equal the TTT step-j logits of the last row)."""
+        start, rows = self.cache.length, aux.shape[0]
+        ids = torch.tensor([tokens[start + 1:rows + 1]], device=self.device)
+        hidden = aux[start:rows].to(self.device, self.dtype)[None]
+        pos = torch.arange(start, rows, device=self.device)[None]
+        drafts, logits = [], []
+        for j in range(k):
+            normed, pre = self.drafter.forward_hidden(ids, hidden, None, pos, cache=self.cache, return_prenorm=True)
+            logits.append(self.drafter.lm_head(normed[0, -1]))
+            drafts.append(int(logits[-1].argmax()))
+            # Next: one element, the draft just made (or the forced token) at the next position.
+            tok = drafts[-1] if forced is None or j == k - 1 else forced[j]
+            ids, hidden, pos = torch.tensor([[tok]], device=self.device), pre[:, -1:], pos[:, -1:] + 1
+        # Drafts are scratch: only the real rows stay in the drafter's cache.
+        self.cache.crop(rows)
+        return drafts, torch.stack(logits)
+
+    def propose(self, tokens: list[int], aux: torch.Tensor, k: int) -> list[int]:
+        return self.draft_logits(tokens, aux, k)[0]
+
+
+def make_proposer(drafter: PEagleDrafter) -> PEagleProposer | Eagle3Proposer:
+    """The drafter's own inference procedure: one pass with mask slots (P-EAGLE) or K chained passes."""
+    return PEagleProposer(drafter) if drafter.spec.parallel else Eagle3Proposer(drafter)
 
 
 class OracleProposer:

@@ -60,6 +60,14 @@ def _load_eval(path: str | Path) -> dict[str, Any]:
         raise TableError(f"{path}: not valid JSON ({err}); delete it and re-run the evaluate rule") from None
 
 
+def cell_value(res: dict[str, Any]) -> float | str:
+    """A table cell: the acceptance length, or the status (OOM / infeasible) the training measured."""
+    status = res.get("status", "ok")
+    if status != "ok":
+        return status
+    return round(float(res["acceptance_length"]), 3)
+
+
 def write_table1(cfg: Config, evals: list[str], benchmarks: list[str], out: str | Path,
                  config_files: list[str] | None = None, target_json: str | Path | None = None) -> pd.DataFrame:
     """Table 1: acceptance length (rows: methods, columns: training context lengths actually used).
@@ -86,8 +94,8 @@ def write_table1(cfg: Config, evals: list[str], benchmarks: list[str], out: str 
             cell = cells.get((method, ctx))
             if cell is None:
                 raise TableError(f"no evaluation result for method {method} at ctx {ctx} among {len(evals)} files")
-            row[f"ctx={ctx}"] = round(float(cell["acceptance_length"]), 3)
-            layers = cell.get("drafter_layers", layers)
+            row[f"ctx={ctx}"] = cell_value(cell)
+            layers = cell.get("drafter_layers") or (cell.get("training") or {}).get("drafter_layers") or layers
         row = {"method": method, "layers": layers, **{k: v for k, v in row.items() if k != "method"}}
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -103,8 +111,10 @@ def write_table1(cfg: Config, evals: list[str], benchmarks: list[str], out: str 
         "config": cfg.to_dict(),
         "seeds": {"global": cfg.seed, "train": cfg.train.seed},
         "cells": {f"{m}@ctx={c}": {k: v for k, v in cell.items() if k in (
-            "file", "acceptance_length", "per_position_acceptance", "prompts", "rounds", "new_tokens",
-            "wall_s", "lossless_checks", "drafter")} for (m, c), cell in sorted(cells.items())},
+            "status", "file", "acceptance_length", "per_position_acceptance", "prompts", "rounds", "new_tokens",
+            "wall_s", "lossless_checks", "drafter", "training")} for (m, c), cell in sorted(cells.items())},
+        "budgets": {"memory_budget_mb": cfg.train.memory_budget_mb,
+                    "time_budget_s_per_epoch": cfg.train.time_budget_s_per_epoch},
         "wall_times_s": {str(b): read_benchmark(b).get("s") for b in benchmarks},
     }
     provenance["wall_time_total_s"] = sum(v for v in provenance["wall_times_s"].values() if v is not None)
@@ -115,3 +125,186 @@ def write_table1(cfg: Config, evals: list[str], benchmarks: list[str], out: str 
             "heldout_next_token_accuracy")}
     atomic_write_json(out.with_suffix(".provenance.json"), provenance)
     return df
+
+
+# --------------------------------------------------------------------------- Table 9
+
+TABLE9_METHODS = ("eagle3", "peagle")
+EVAL_SET_ORDER = ("mt_bench", "humaneval", "gsm8k")
+TABLE9_COLUMNS = ["target", "architecture", "eval_set", "k", "eagle3_layers", "eagle3", "peagle_layers", "peagle",
+                  "rel_diff_pct"]
+_CELL_KEYS = ("file", "status", "acceptance_length", "per_position_acceptance", "prompts", "rounds", "new_tokens",
+              "wall_s", "lossless_checks", "drafter", "drafter_layers", "ctx", "target")
+
+
+def _target_name(res: dict[str, Any]) -> str:
+    name = res.get("target_name") or res.get("target")
+    if not name:
+        raise TableError("result has neither 'target_name' nor 'target'")
+    return str(name)
+
+
+def _layers(cell: dict[str, Any]) -> int | None:
+    """Drafter layers of a cell; a cell whose training failed has them in its training summary."""
+    layers = cell.get("drafter_layers")
+    if layers is None:
+        layers = (cell.get("training") or {}).get("drafter_layers")
+    return layers
+
+
+def _cell_value(cell: dict[str, Any], path: str) -> float | str:
+    """A cell's acceptance length rounded to 3 decimals, or its status string (``OOM``, ``infeasible``)."""
+    status = cell.get("status") or "ok"
+    if status != "ok":
+        return str(status)
+    al = cell.get("acceptance_length")
+    try:
+        al = float(al)
+    except (TypeError, ValueError):
+        raise TableError(f"{path}: status ok but acceptance_length is {al!r}") from None
+    if al != al:  # NaN: no verification round at all
+        raise TableError(f"{path}: acceptance_length is NaN (no decoding rounds); check the prompts file")
+    return round(al, 3)
+
+
+def write_table9(cfg: Config, evals: list[str], out: str | Path,
+                 config_files: list[str] | None = None) -> pd.DataFrame:
+    """Table 9: acceptance length of EAGLE-3 vs P-EAGLE per target and evaluation set.
+
+    ``evals`` are evaluate-rule JSONs (keys ``method``, ``target_name`` (else ``target``),
+    ``target_architecture``, ``eval_set``, ``k``, ``acceptance_length``, ``drafter_layers``,
+    optionally ``status``). Targets are listed in config order (``table9.targets``, else the order
+    they first appear in ``evals``); evaluation sets in the order mt_bench, humaneval, gsm8k.
+    Every target x evaluation set needs one result per method, all at one K. Cells whose
+    ``status`` is not ``ok`` show the status.
+    """
+    t9 = getattr(cfg, "table9", None)
+    want_k = getattr(t9, "k", None)
+    cells: dict[tuple[str, str, str], dict[str, Any]] = {}
+    targets: list[str] = []
+    ks: dict[int, str] = {}
+    for path in evals:
+        res = _load_eval(path)
+        for key in ("method", "eval_set", "k"):
+            if key not in res:
+                raise TableError(f"{path}: no '{key}' in the evaluation result")
+        try:
+            target = _target_name(res)
+        except TableError as err:
+            raise TableError(f"{path}: {err}") from None
+        method, eval_set = str(res["method"]), str(res["eval_set"])
+        if method not in TABLE9_METHODS:
+            raise TableError(f"{path}: method {method!r}; table9 compares {' and '.join(TABLE9_METHODS)}")
+        if eval_set not in EVAL_SET_ORDER:
+            raise TableError(f"{path}: evaluation set {eval_set!r} is not one of {', '.join(EVAL_SET_ORDER)}")
+        ks.setdefault(int(res["k"]), str(path))
+        key = (target, eval_set, method)
+        if key in cells:
+            raise TableError(f"{path}: a second result for {method} on {target}/{eval_set} "
+                             f"(the first is {cells[key]['file']})")
+        cells[key] = {**res, "file": str(path)}
+        if target not in targets:
+            targets.append(target)
+    if not cells:
+        raise TableError("table9: no evaluation results given")
+    if len(ks) > 1:
+        raise TableError(f"table9: results at mixed K {sorted(ks)} (e.g. K={min(ks)} in {ks[min(ks)]}, "
+                         f"K={max(ks)} in {ks[max(ks)]}); every cell must use one K")
+    k = next(iter(ks))
+    if want_k is not None and k != want_k:
+        raise TableError(f"table9: results are at K={k} ({ks[k]}), but table9.k is {want_k}")
+    found_sets = {s for (_, s, _) in cells}
+    wanted_sets = [s for s in EVAL_SET_ORDER if s in (getattr(t9, "eval_sets", None) or found_sets)]
+    extra = sorted(found_sets - set(wanted_sets))
+    if extra:
+        raise TableError(f"table9: results for evaluation sets {extra} that table9.eval_sets ({wanted_sets}) "
+                         f"does not list")
+    # Configured targets are required only when the results name their targets (``target_name``).
+    wanted_targets = getattr(cfg, "table9_targets", None) if all("target_name" in c for c in cells.values()) else None
+    if wanted_targets:
+        absent = [t for t in wanted_targets if t not in targets]
+        if absent:
+            raise TableError(f"table9: no evaluation results for targets {absent} (table9.targets); "
+                             f"got results for {targets}")
+        unlisted = [t for t in targets if t not in wanted_targets]
+        if unlisted:
+            raise TableError(f"table9: results for targets {unlisted} that table9.targets ({wanted_targets}) "
+                             f"does not list")
+        targets = list(wanted_targets)
+    missing = [f"{m} on {t}/{s}" for t in targets for s in wanted_sets for m in TABLE9_METHODS
+               if (t, s, m) not in cells]
+    if missing:
+        raise TableError(f"table9: {len(missing)} cell(s) missing among {len(evals)} files: {', '.join(missing)}")
+    rows = []
+    for t in targets:
+        for s in wanted_sets:
+            e3, pe = cells[(t, s, "eagle3")], cells[(t, s, "peagle")]
+            v3, vp = _cell_value(e3, e3["file"]), _cell_value(pe, pe["file"])
+            rel = None
+            if isinstance(v3, float) and isinstance(vp, float) and v3:  # from the unrounded ALs
+                a3, ap = float(e3["acceptance_length"]), float(pe["acceptance_length"])
+                rel = round(100.0 * (ap - a3) / a3, 1)
+            arch = pe.get("target_architecture") or e3.get("target_architecture")
+            rows.append({"target": t, "architecture": arch, "eval_set": s, "k": k,
+                         "eagle3_layers": _layers(e3), "eagle3": v3,
+                         "peagle_layers": _layers(pe), "peagle": vp, "rel_diff_pct": rel})
+    df = pd.DataFrame(rows, columns=TABLE9_COLUMNS)
+    for col in ("k", "eagle3_layers", "peagle_layers"):  # a missing layer count must not turn 4 into 4.0
+        df[col] = df[col].astype("Int64")
+    out = Path(out)
+    atomic_write_text(out, df.to_csv(index=False))
+    provenance = {
+        "table": "table9",
+        "profile": cfg.profile,
+        "what": f"acceptance length at K={k}, EAGLE-3 vs P-EAGLE, per target and evaluation set; "
+                f"rel_diff_pct = 100 (peagle - eagle3) / eagle3",
+        "commit": git_commit(),
+        "config_files": config_files,
+        "config": cfg.to_dict(),
+        "seeds": {"global": cfg.seed, "train": cfg.train.seed},
+        "cells": {f"{t}/{s}/{m}": {k_: v for k_, v in cell.items() if k_ in _CELL_KEYS}
+                  for (t, s, m), cell in sorted(cells.items())},
+    }
+    atomic_write_json(out.with_suffix(".provenance.json"), provenance)
+    return df
+
+
+# --------------------------------------------------------------------------- merging CSVs
+
+
+def concat_csv(inputs: list[str | Path], out: str | Path) -> pd.DataFrame:
+    """Stack CSVs with the same columns (e.g. one drafting-cost CSV per target) into ``out``.
+
+    Provenance sidecars (``X.provenance.json`` beside each input) are merged into
+    ``out``'s sidecar under ``parts``, keyed by input path.
+    """
+    if not inputs:
+        raise TableError("concat-csv: no input files")
+    frames, columns = [], None
+    for path in inputs:
+        try:
+            df = pd.read_csv(path)
+        except FileNotFoundError:
+            raise TableError(f"{path}: not found") from None
+        except pd.errors.EmptyDataError:
+            raise TableError(f"{path}: empty CSV") from None
+        if columns is None:
+            columns = list(df.columns)
+        elif list(df.columns) != columns:
+            raise TableError(f"{path}: columns {list(df.columns)} differ from {inputs[0]}'s {columns}")
+        frames.append(df)
+    merged = pd.concat(frames, ignore_index=True)
+    out = Path(out)
+    atomic_write_text(out, merged.to_csv(index=False))
+    parts = {}
+    for path in inputs:
+        side = Path(path).with_suffix(".provenance.json")
+        if side.exists():
+            try:
+                parts[str(path)] = json.loads(side.read_text())
+            except json.JSONDecodeError:
+                parts[str(path)] = None
+    atomic_write_json(out.with_suffix(".provenance.json"),
+                      {"what": "concatenation of the inputs' rows, in order", "inputs": [str(p) for p in inputs],
+                       "commit": git_commit(), "parts": parts})
+    return merged

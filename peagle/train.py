@@ -1,4 +1,9 @@
-"""P-EAGLE drafter training (DESIGN §3-4): COD super-sequences, cross-depth mask, forward KL.
+"""Drafter training (DESIGN §3-5): one loop for every method of ``cfg.methods``.
+
+Parallel drafters (P-EAGLE, PARD-style, ParallelSpec) train on super-sequences -- COD-sampled
+depths or the full n x K grid -- under the configured cross-depth mask strategy, optionally
+partitioned; EAGLE-3 trains by training-time test (``peagle.eagle3``). Same data, loss,
+optimizer, logging, checkpoints, resume and budgets for all.
 
 One training sequence is one micro-batch (the paper's recipe: micro-batch 1, gradient
 accumulation over sequences). The data order, every COD sample and the initial weights are
@@ -25,17 +30,56 @@ import torch.nn.functional as F
 from peagle import checkpoint as ckpt
 from peagle import memory
 from peagle.attention import ElementMeta
-from peagle.cod import Layout, cod_sample
+from peagle.cod import Layout, cod_sample, full_grid
 from peagle.config import Config
 from peagle.drafters import DrafterSpec, PEagleDrafter, build_drafter, num_parameters
+from peagle.io import atomic_write_json
 from peagle.masks import AmortizedMask, pard_mask, reference_mask
 from peagle.partition import partitioned_backward
 
-METHODS = ("peagle",)
-
-
 class TrainingError(ValueError):
     """Bad training input: mismatched hidden states, nothing to train on, unknown method."""
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    """A method's settings in effect: ``cfg.methods[name]`` with unset fields from drafter/train."""
+
+    name: str
+    parallel: bool
+    cod: bool
+    num_layers: int
+    mask_strategy: str
+    partitions: int
+    embed_trainable: bool
+    depths: int  # K_train (parallel) or TTT steps (EAGLE-3): the per-depth accuracy columns
+    ttt_decay: float
+
+    @classmethod
+    def of(cls, cfg: Config, name: str) -> "MethodPlan":
+        try:
+            m = cfg.method(name)
+        except ValueError as err:
+            raise TrainingError(str(err)) from None
+        tc, dc = cfg.train, cfg.drafter
+        return cls(
+            name=name, parallel=m.parallel, cod=m.cod,
+            num_layers=m.num_layers if m.num_layers is not None else dc.num_layers,
+            mask_strategy=m.mask_strategy or tc.mask_strategy,
+            partitions=m.partitions if m.partitions is not None else (tc.partitions if m.parallel else 1),
+            embed_trainable=m.embed_trainable if m.embed_trainable is not None else dc.embed_trainable,
+            depths=tc.k_train if m.parallel else m.ttt_steps,
+            ttt_decay=m.ttt_decay,
+        )
+
+
+class InfeasibleRun(RuntimeError):
+    """The measured step time projects an epoch beyond ``train.time_budget_s_per_epoch``."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        super().__init__(f"projected epoch {record['projected_epoch_s']:.0f} s exceeds the budget of "
+                         f"{record['time_budget_s_per_epoch']:.0f} s")
+        self.record = record
 
 
 # --------------------------------------------------------------------------- examples
@@ -125,8 +169,48 @@ def distill_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, kind: 
     return (logp.exp() * (logp - logq)).sum()
 
 
+def _head_loss_chunk(hidden: torch.Tensor, head_w: torch.Tensor, target_hidden: torch.Tensor,
+                     target_head: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    draft_logits = hidden @ head_w.T
+    with torch.no_grad():
+        target_logits = target_hidden.to(target_head.dtype) @ target_head.T
+        hit = (draft_logits.argmax(-1) == target_logits.argmax(-1)).long()
+    return distill_loss(draft_logits, target_logits, kind), hit
+
+
+def head_loss(hidden: torch.Tensor, head_w: torch.Tensor, target_hidden: torch.Tensor, target_head: torch.Tensor,
+              kind: str, chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss and per-row hits of drafter states hidden [M, H] vs target states [M, H].
+
+    head_w [V, H] is the drafter's LM head, target_head [V, H] the target's. With M > chunk_rows,
+    rows go through the heads in chunks whose [chunk, V] logits are recomputed in the backward
+    pass instead of kept: at the paper's 201K vocabulary, 34K elements would otherwise hold
+    ~27 GB of logits. Same loss and gradient either way (tests/test_train.py).
+    """
+    m = hidden.shape[0]
+    if chunk_rows is None or m <= chunk_rows:
+        return _head_loss_chunk(hidden, head_w, target_hidden, target_head, kind)
+    from torch.utils.checkpoint import checkpoint
+
+    losses, hits = [], []
+    for lo in range(0, m, chunk_rows):
+        sl = slice(lo, lo + chunk_rows)
+        loss, hit = checkpoint(_head_loss_chunk, hidden[sl], head_w, target_hidden[sl], target_head, kind,
+                               use_reentrant=False)
+        losses.append(loss)
+        hits.append(hit)
+    return torch.stack(losses).sum(), torch.cat(hits)
+
+
+def depth_stats(depth: torch.Tensor, hit: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """Per-depth ``correct`` and ``count`` [k] from element depths [M] and hits [M]."""
+    depth, hit = depth.cpu(), hit.cpu()
+    return {"correct": torch.zeros(k, dtype=torch.long).index_add_(0, depth, hit),
+            "count": torch.bincount(depth, minlength=k)[:k]}
+
+
 def example_loss(drafter: PEagleDrafter, target_head: torch.Tensor, ex: Example, mask: torch.Tensor,
-                 kind: str, k: int) -> tuple[torch.Tensor, dict[str, Any]]:
+                 kind: str, k: int, chunk_rows: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """Loss summed over the supervised elements of one example, plus per-depth accuracy counts."""
     dev = target_head.device
     hidden = drafter.forward_hidden(
@@ -134,17 +218,9 @@ def example_loss(drafter: PEagleDrafter, target_head: torch.Tensor, ex: Example,
         ex.positions[None].to(dev), mask[None].to(dev),
     )[0]
     sel = ex.gate.nonzero().squeeze(-1).to(dev)
-    draft_logits = drafter.lm_head(hidden[sel])
-    with torch.no_grad():
-        target_logits = ex.target_hidden.to(dev)[sel].to(target_head.dtype) @ target_head.T
-    loss = distill_loss(draft_logits, target_logits, kind)
-    depth = ex.layout.depth.to(dev)[sel]
-    hit = (draft_logits.argmax(-1) == target_logits.argmax(-1)).long()
-    stats = {
-        "correct": torch.zeros(k, dtype=torch.long).index_add_(0, depth.cpu(), hit.cpu()),
-        "count": torch.bincount(depth.cpu(), minlength=k),
-    }
-    return loss, stats
+    loss, hit = head_loss(hidden[sel], drafter.lm_head.weight, ex.target_hidden.to(dev)[sel], target_head,
+                          kind, chunk_rows)
+    return loss, depth_stats(ex.layout.depth.to(dev)[sel], hit, k)
 
 
 # --------------------------------------------------------------------------- run state
@@ -189,7 +265,6 @@ def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
 # --------------------------------------------------------------------------- main entry
 
 
-@memory.reports_oom  # an OOM under train.memory_budget_mb -> summary.json status OOM
 def train_drafter(
     cfg: Config,
     target_json: str | Path,
@@ -202,23 +277,45 @@ def train_drafter(
     progress: bool = True,
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> dict[str, Any]:
-    """Train one drafter; resumes from ``out_dir/checkpoints`` if a checkpoint is there.
+    """Train one drafter of ``method`` (a key of ``cfg.methods``) at training context ``ctx``.
 
-    Writes ``out_dir/final`` (vLLM-loadable), ``out_dir/metrics.jsonl`` (one line per optimizer
-    step) and ``out_dir/summary.json``; returns the summary.
+    Resumes from ``out_dir/checkpoints`` if a checkpoint is there. Writes ``out_dir/final``
+    (vLLM-loadable), ``out_dir/metrics.jsonl`` (one line per optimizer step) and
+    ``out_dir/summary.json``, and returns the summary. A run that exceeds the memory budget ends
+    with ``status: "OOM"``; one whose measured step time projects an epoch beyond the time budget
+    ends with ``status: "infeasible"``. Both are results (the measurement is recorded), not errors.
     """
+    out = Path(out_dir)
+    (out / "summary.json").unlink(missing_ok=True)  # never let an old result stand for this run
+    try:
+        summary = _train(cfg, target_json, hidden_dir, method, ctx, out, stop_after_steps=stop_after_steps,
+                         progress=progress, log=log)
+    except InfeasibleRun as err:
+        summary = err.record
+        log(f"INFEASIBLE: {err}")
+    if summary.get("status") != "ok":
+        info = json.loads(Path(target_json).read_text())
+        summary = {**summary, "method": method, "ctx": ctx, "drafter_layers": MethodPlan.of(cfg, method).num_layers,
+                   "target_name": info.get("name"), "target": info.get("path")}
+        atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+@memory.reports_oom  # an OOM under train.memory_budget_mb -> summary.json status OOM
+def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method: str, ctx: int, out_dir: Path, *,
+           stop_after_steps: int | None, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    from peagle.eagle3 import ttt_loss  # deferred: peagle.eagle3 imports distill_loss from here
     from peagle.hidden import HiddenStateDataset, shifted_rows
     from peagle.target import load_target
 
-    if method not in METHODS:
-        raise TrainingError(f"unknown method {method!r}: available {', '.join(METHODS)}")
+    plan = MethodPlan.of(cfg, method)
     if ctx < 3:
         raise TrainingError(f"training context length {ctx} is too short (need >= 3 tokens)")
     tc, dc = cfg.train, cfg.drafter
     torch.set_num_threads(cfg.runtime.threads)
     device = torch.device(cfg.runtime.device)
     dtype = getattr(torch, cfg.runtime.dtype)
-    out = Path(out_dir)
+    out = out_dir
     ckpt_root = out / "checkpoints"
     out.mkdir(parents=True, exist_ok=True)
 
@@ -236,21 +333,24 @@ def train_drafter(
     h = info["hidden_size"]
     head_dim = dc.head_dim or h // dc.num_heads
     spec = DrafterSpec(
-        hidden_size=h, vocab_size=head.shape[0], num_layers=dc.num_layers, num_heads=dc.num_heads,
+        hidden_size=h, vocab_size=head.shape[0], num_layers=plan.num_layers, num_heads=dc.num_heads,
         num_kv_heads=dc.num_kv_heads, head_dim=head_dim, intermediate_size=dc.intermediate_size,
         mask_token_id=int(info["mask_token_id"]), aux_layer_ids=list(info["aux_layer_ids"]),
         rms_norm_eps=dc.rms_norm_eps, rope_theta=dc.rope_theta,
-        max_position_embeddings=max(ctx + tc.k_train, int(info.get("max_position_embeddings") or 0)),
+        max_position_embeddings=max(ctx + plan.depths, int(info.get("max_position_embeddings") or 0)),
+        parallel=plan.parallel,
     )
     drafter = build_drafter(spec, embed=embed, lm_head=head, seed=tc.seed).to(device=device, dtype=dtype)
-    drafter.embed_tokens.weight.requires_grad_(dc.embed_trainable)
+    drafter.embed_tokens.weight.requires_grad_(plan.embed_trainable)
     drafter.lm_head.weight.requires_grad_(dc.lm_head_trainable)
     target_head = head.to(device=device, dtype=dtype)
-    if tc.mask_strategy == "amortized" and ctx - 1 > tc.max_mask_len:
-        # Fail before any work rather than at the first long sequence.
-        raise TrainingError(f"training context {ctx} needs a precomputed mask of {ctx - 1} positions, but "
-                            f"train.max_mask_len is {tc.max_mask_len}; raise it to at least {ctx - 1}")
-    masks = MaskBuilder(tc.mask_strategy, tc.max_mask_len, tc.k_train)
+    masks = None
+    if plan.parallel:
+        if plan.mask_strategy == "amortized" and ctx - 1 > tc.max_mask_len:
+            # Fail before any work rather than at the first long sequence.
+            raise TrainingError(f"training context {ctx} needs a precomputed mask of {ctx - 1} positions, but "
+                                f"train.max_mask_len is {tc.max_mask_len}; raise it to at least {ctx - 1}")
+        masks = MaskBuilder(plan.mask_strategy, tc.max_mask_len, tc.k_train)
 
     # Sequences with at least one supervised row inside the context window.
     usable, shortest = [], None
@@ -262,10 +362,11 @@ def train_drafter(
             shortest = rows if shortest is None else min(shortest, rows)
     if not usable:
         raise TrainingError(f"{hidden_dir}: no sequence has a supervised token within the first {ctx} tokens")
-    if tc.partitions > shortest:
+    if plan.partitions > shortest:
         # Checked up front so that a run never stops halfway at the first short sequence.
-        raise TrainingError(f"train.partitions={tc.partitions} exceeds the {shortest} rows of the shortest "
-                            f"training sequence at ctx={ctx}; use at most {shortest} partitions")
+        raise TrainingError(f"partitions={plan.partitions} (train.partitions / methods.{method}.partitions) "
+                            f"exceeds the {shortest} rows of the shortest training sequence at ctx={ctx}; "
+                            f"use at most {shortest} partitions")
     steps_per_epoch = math.ceil(len(usable) / tc.grad_accum)
     total_steps = tc.epochs * steps_per_epoch
     warmup = max(1, math.ceil(tc.warmup_ratio * total_steps))
@@ -274,9 +375,13 @@ def train_drafter(
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, warmup))
 
-    meta = {"method": method, "ctx": ctx, "k_train": tc.k_train, "retention": tc.retention,
-            "retention_min": tc.retention_min, "loss": tc.loss, "mask_strategy": tc.mask_strategy,
-            "partitions": tc.partitions,
+    meta = {"method": method, "ctx": ctx, "parallel": plan.parallel, "cod": plan.cod,
+            "k_train": tc.k_train if plan.parallel else None,
+            "ttt_steps": None if plan.parallel else plan.depths, "ttt_decay": None if plan.parallel else plan.ttt_decay,
+            "retention": tc.retention if plan.cod else None,
+            "retention_min": tc.retention_min if plan.cod else None, "loss": tc.loss,
+            "mask_strategy": plan.mask_strategy if plan.parallel else None, "partitions": plan.partitions,
+            "embed_trainable": plan.embed_trainable,
             "target": info["path"], "target_name": info.get("name"), "seed": tc.seed}
     metrics_path = out / "metrics.jsonl"
     start_step, metrics = 0, []
@@ -295,8 +400,9 @@ def train_drafter(
         log(f"resuming from {last} at optimizer step {start_step}/{total_steps}")
     _write_jsonl_atomic(metrics_path, metrics)
 
+    what = f"mask={plan.mask_strategy}, partitions={plan.partitions}" if plan.parallel else f"ttt_steps={plan.depths}"
     log(f"training {method} ctx={ctx}: {len(usable)} sequences, {total_steps} optimizer steps, "
-        f"{num_parameters(drafter) / 1e6:.2f}M params, mask={tc.mask_strategy}")
+        f"{num_parameters(drafter) / 1e6:.2f}M params, {plan.num_layers} layers, {what}")
     from tqdm import tqdm
 
     bar = tqdm(total=total_steps, initial=start_step, disable=not progress, desc=f"{method} ctx={ctx}",
@@ -307,6 +413,8 @@ def train_drafter(
     weights, needed = memory.model_bytes(drafter.parameters())
     memory.cap_memory(tc.memory_budget_mb, device, resident_bytes=weights + head_bytes,
                       required_bytes=needed + head_bytes)
+    depths = plan.depths
+    probe = _BudgetProbe(tc.time_budget_s_per_epoch, tc.budget_probe_steps, steps_per_epoch)
     t_run = time.perf_counter()
     for step in range(start_step, total_steps):
         epoch, j = divmod(step, steps_per_epoch)
@@ -314,27 +422,37 @@ def train_drafter(
         batch = [usable[i] for i in order[j * tc.grad_accum:(j + 1) * tc.grad_accum]]
         t0 = time.perf_counter()
         sup_total, loss_total, elements, tokens = 0, 0.0, 0, 0
-        correct = torch.zeros(tc.k_train, dtype=torch.long)
-        count = torch.zeros(tc.k_train, dtype=torch.long)
+        correct = torch.zeros(depths, dtype=torch.long)
+        count = torch.zeros(depths, dtype=torch.long)
         for idx in batch:
             rows = shifted_rows(truncate(dataset[idx], ctx))
             n = rows["input_ids"].shape[0]
-            layout = cod_sample(n, tc.k_train, tc.retention, tc.retention_min,
-                                generator=_seq_generator(tc.seed, epoch, idx))
-            ex = build_example(rows, layout, spec.mask_token_id)
-            n_sup = int(ex.gate.sum())
             # Each sequence's loss is normalised by its own supervised count, then averaged.
-            if tc.partitions > 1:
-                # Forward+backward segment by segment (paper §3.2): same gradient, less memory.
-                loss_sum, stats = partitioned_backward(drafter, target_head, ex, lambda lay: masks(lay, n),
-                                                       tc.partitions, tc.loss, tc.k_train, n_sup, 1 / len(batch))
+            if not plan.parallel:
+                loss_t, stats = ttt_loss(drafter, target_head, {k: v.to(device) for k, v in rows.items()},
+                                         plan.depths, plan.ttt_decay, tc.loss)
+                (loss_t / len(batch)).backward()
+                loss_total += float(loss_t.detach()) / len(batch)
+                n_sup, n_el = stats["supervised"], stats["elements"]
             else:
-                loss_t, stats = example_loss(drafter, target_head, ex, masks(layout, n), tc.loss, tc.k_train)
-                (loss_t / max(n_sup, 1) / len(batch)).backward()
-                loss_sum = float(loss_t.detach())
-            loss_total += loss_sum / max(n_sup, 1) / len(batch)
+                layout = (cod_sample(n, tc.k_train, tc.retention, tc.retention_min,
+                                     generator=_seq_generator(tc.seed, epoch, idx))
+                          if plan.cod else full_grid(n, tc.k_train))
+                ex = build_example(rows, layout, spec.mask_token_id)
+                n_sup, n_el = int(ex.gate.sum()), len(layout)
+                if plan.partitions > 1:
+                    # Forward+backward segment by segment (paper §3.2): same gradient, less memory.
+                    loss_sum, stats = partitioned_backward(
+                        drafter, target_head, ex, lambda lay: masks(lay, n), plan.partitions, tc.loss,
+                        tc.k_train, n_sup, 1 / len(batch), chunk_rows=tc.loss_chunk_rows)
+                else:
+                    loss_t, stats = example_loss(drafter, target_head, ex, masks(layout, n), tc.loss, tc.k_train,
+                                                 tc.loss_chunk_rows)
+                    (loss_t / max(n_sup, 1) / len(batch)).backward()
+                    loss_sum = float(loss_t.detach())
+                loss_total += loss_sum / max(n_sup, 1) / len(batch)
             sup_total += n_sup
-            elements += len(layout)
+            elements += n_el
             tokens += n
             correct += stats["correct"]
             count += stats["count"]
@@ -345,9 +463,9 @@ def train_drafter(
         dt = time.perf_counter() - t0
         row = {"step": step + 1, "epoch": epoch, "lr": sched.get_last_lr()[0], "loss": loss_total,
                "grad_norm": float(grad_norm), "supervised": sup_total, "elements": elements, "tokens": tokens,
-               "tokens_per_s": tokens / dt, "elements_per_s": elements / dt,
+               "step_s": dt, "tokens_per_s": tokens / dt, "elements_per_s": elements / dt,
                "peak_mem_mb": _peak_memory_mb(device)}
-        for d in range(tc.k_train):
+        for d in range(depths):
             row[f"acc_d{d}"] = float(correct[d]) / int(count[d]) if count[d] else None
         metrics.append(row)
         with metrics_path.open("a") as f:
@@ -355,6 +473,11 @@ def train_drafter(
         bar.update(1)
         bar.set_postfix(loss=f"{loss_total:.3f}", acc0=f"{row['acc_d0'] or 0:.2f}")
         done = step + 1
+        verdict = probe.observe(dt)
+        if verdict is not None:
+            bar.close()
+            raise InfeasibleRun({"status": "infeasible", **verdict, "completed_steps": done,
+                                 "budget_mb": tc.memory_budget_mb, "peak_mem_mb": row["peak_mem_mb"]})
         if done % tc.checkpoint_every == 0 and done < total_steps:
             state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": done}
             ckpt.save_drafter(ckpt_root / f"step_{done:07d}", drafter, meta, trainer_state=state)
@@ -373,18 +496,51 @@ def train_drafter(
     summary = {
         "status": "ok",
         "budget_mb": tc.memory_budget_mb,
+        "time_budget_s_per_epoch": tc.time_budget_s_per_epoch,
         **final_meta,
+        "drafter_layers": plan.num_layers,
         "wall_s_this_run": wall,
+        "step_s_mean": _mean([m.get("step_s") for m in metrics]),
+        "epoch_s_measured": _mean([m.get("step_s") for m in metrics]) * steps_per_epoch if metrics else None,
         "final_loss": metrics[-1]["loss"] if metrics else None,
         "last_epoch_loss": sum(m["loss"] for m in tail) / len(tail) if tail else None,
-        "last_epoch_acc": {f"d{d}": _mean([m[f"acc_d{d}"] for m in tail]) for d in range(tc.k_train)},
+        "last_epoch_acc": {f"d{d}": _mean([m[f"acc_d{d}"] for m in tail]) for d in range(depths)},
         "tokens_per_s": _mean([m["tokens_per_s"] for m in metrics]),
         "peak_mem_mb": max((m["peak_mem_mb"] for m in metrics), default=None),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out / "summary.json", summary)
     shutil.rmtree(ckpt_root, ignore_errors=True)
     log(f"done: loss {summary['final_loss']:.4f}, acc {summary['last_epoch_acc']}")
     return summary
+
+
+class _BudgetProbe:
+    """Projects the epoch time from the first optimizer steps of a run (the first is a warm-up).
+
+    ``observe(step_s)`` returns None while the run may go on and a record of the measurement once
+    the projection exceeds the budget. A run with too few steps to skip a warm-up uses them all.
+    """
+
+    def __init__(self, budget_s: float | None, probe_steps: int, steps_per_epoch: int) -> None:
+        self.budget_s, self.steps_per_epoch = budget_s, steps_per_epoch
+        self.skip = 1 if steps_per_epoch > probe_steps else 0
+        self.probe_steps = min(probe_steps, steps_per_epoch - self.skip)
+        self.times: list[float] = []
+        self.seen = 0
+
+    def observe(self, step_s: float) -> dict[str, Any] | None:
+        self.seen += 1
+        if self.budget_s is None or self.seen <= self.skip or len(self.times) >= self.probe_steps:
+            return None
+        self.times.append(step_s)
+        if len(self.times) < self.probe_steps:
+            return None
+        step = sum(self.times) / len(self.times)
+        projected = step * self.steps_per_epoch
+        if projected <= self.budget_s:
+            return None
+        return {"time_budget_s_per_epoch": self.budget_s, "measured_step_s": step, "probe_steps": len(self.times),
+                "steps_per_epoch": self.steps_per_epoch, "projected_epoch_s": projected}
 
 
 def _mean(xs: list[float | None]) -> float | None:

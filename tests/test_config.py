@@ -173,7 +173,7 @@ _SCALARS = {int: "integer", float: "number", str: "string", bool: "boolean"}
 
 # Keys typed ``list[str]`` in the dataclass whose values __post_init__ restricts to a fixed set;
 # the schema states that set as an enum (checked against the dataclass below).
-REFINED_ENUMS = {"eval.sets", "table1.methods"}
+REFINED_ENUMS = {"eval.sets", "table9.eval_sets"}
 
 
 def _annotation_shape(tp: Any) -> tuple:
@@ -190,6 +190,8 @@ def _annotation_shape(tp: Any) -> tuple:
     if origin is dict:
         assert args[0] is str, f"mapping keys must be strings: {tp}"
         return ("map", _annotation_shape(args[1]))
+    if dataclasses.is_dataclass(tp):
+        return ("section", tp.__name__)
     assert tp in _SCALARS, f"unsupported annotation {tp}"
     return (_SCALARS[tp],)
 
@@ -198,6 +200,8 @@ def _schema_shape(node: dict[str, Any]) -> tuple:
     """The same description, read from a schema node."""
     if "enum" in node:
         assert "type" not in node, f"enum node with a type: {node}"
+        if None in node["enum"]:  # a nullable enum lists null among its values
+            return ("nullable", ("enum", frozenset(v for v in node["enum"] if v is not None)))
         return ("enum", frozenset(node["enum"]))
     kinds = node["type"] if isinstance(node["type"], list) else [node["type"]]
     nullable = "null" in kinds
@@ -242,6 +246,20 @@ def _walk(cls: type, node: dict[str, Any], prefix: str = ""):
         key, tp, sub = prefix + name, hints[name], props[name]
         if dataclasses.is_dataclass(tp):
             yield from _walk(tp, sub, key + ".")
+            continue
+        # Containers of sections: a list of targets, a mapping of methods by name.
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin is list and dataclasses.is_dataclass(args[0]):
+            if sub.get("type") != "array":
+                yield key, "a list of sections needs type: array"
+            yield from _walk(args[0], sub.get("items", {}), key + "[].")
+            continue
+        if origin is dict and dataclasses.is_dataclass(args[1]):
+            if sub.get("type") != "object" or not isinstance(sub.get("additionalProperties"), dict):
+                yield key, "a mapping of sections needs type: object with an additionalProperties schema"
+            yield from _walk(args[1], sub.get("additionalProperties") or {}, key + ".*.")
+            if "default" not in sub:
+                yield key, "schema has no default"
             continue
         try:
             want, got = _annotation_shape(tp), _schema_shape(sub)
@@ -384,3 +402,32 @@ def test_schema_bounds_are_dataclass_bounds(schema, validator):
         assert list(validator.iter_errors(raw)), f"schema accepts {'.'.join(path)}={value}"
         with pytest.raises(ConfigError):
             config_from_dict(raw)
+
+
+@pytest.mark.parametrize("patch, key", [
+    ({"methods": {"peagle": {"num_layers": "four"}}}, "methods.peagle.num_layers"),
+    ({"methods": {"peagle": {"partitions": 0}}}, "methods.peagle.partitions"),
+    ({"methods": {"eagle3": {"mask_strategy": "pard"}}}, "methods.eagle3.parallel"),
+    ({"methods": {"mine": {"no_such": 1}}}, "unknown key methods.mine.no_such"),
+    ({"extra_targets": [{"name": "t2", "architecture": "gpt2"}]}, "extra_targets[0].architecture"),
+    ({"extra_targets": [{"name": "tiny-llama"}]}, "target names must be unique"),
+    ({"table1": {"methods": ["peagle", "medusa"]}}, "table1.methods"),
+    ({"table9": {"targets": ["nope"]}}, "table9.targets"),
+])
+def test_methods_and_targets_errors_name_the_key(patch, key):
+    from peagle.config import _deep_merge
+
+    raw = _deep_merge(read_config_files(TINY), patch)
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw)
+    assert key in str(err.value)
+
+
+def test_profile_methods_merge_over_the_defaults():
+    raw = read_config_files(TINY)
+    raw["methods"] = {"peagle": {"partitions": 2}, "mine": {"num_layers": 2}}
+    cfg = config_from_dict(raw)
+    assert cfg.methods["peagle"].partitions == 2
+    assert cfg.methods["parallelspec"].num_layers == 1 and not cfg.methods["parallelspec"].cod
+    assert not cfg.methods["eagle3"].parallel and cfg.methods["eagle3"].embed_trainable is False
+    assert cfg.methods["mine"].num_layers == 2

@@ -108,3 +108,112 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
                  "--ctx", "64", "--out-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "unknown key train.epoch" in err and str(bad) in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- methods and budgets
+
+
+def _quiet():
+    return dict(progress=False, log=lambda m: None)
+
+
+def test_method_plans_resolve_defaults(tiny_config):
+    from peagle.train import MethodPlan
+
+    pe, ps, e3 = (MethodPlan.of(tiny_config, m) for m in ("peagle", "parallelspec", "eagle3"))
+    assert (pe.num_layers, pe.cod, pe.parallel, pe.depths) == (tiny_config.drafter.num_layers, True, True, 4)
+    assert (ps.num_layers, ps.cod) == (1, False)
+    assert (e3.num_layers, e3.parallel, e3.embed_trainable, e3.depths) == (1, False, False, 7)
+    assert MethodPlan.of(tiny_config, "pard").mask_strategy == "pard"
+
+
+@pytest.mark.parametrize("method", ["parallelspec", "pard", "eagle3"])
+def test_every_method_trains_through_the_same_loop(method, tiny_artifacts, tiny_config, tmp_path):
+    from peagle.cod import expected_elements
+    from peagle.hidden import HiddenStateDataset
+    from peagle.target import load_target
+
+    summary = train_drafter(tiny_config, tiny_artifacts["target_json"], tiny_artifacts["hidden_dir"], method, 32,
+                            tmp_path / "run", **_quiet())
+    assert summary["status"] == "ok" and summary["method"] == method
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    model, cfg = ckpt.load_drafter(tmp_path / "run" / "final")
+    assert model.spec.num_layers == summary["drafter_layers"] == (2 if method == "pard" else 1)
+    if method == "eagle3":
+        assert not model.spec.parallel and "mask_hidden" not in model.state_dict()
+        assert "mask_token_id" not in cfg and {"acc_d0", "acc_d6"} <= set(rows[0])
+        target = load_target(tiny_artifacts["target_json"])[0]
+        assert torch.equal(model.embed_tokens.weight, target.get_input_embeddings().weight)  # frozen
+    if method == "parallelspec":  # the full n x K grid, no COD: more elements than COD keeps
+        data = HiddenStateDataset(tiny_artifacts["hidden_dir"])
+        n = min(32, int(data[0]["input_ids"].shape[0])) - 1
+        assert len(full_grid(n, tiny_config.train.k_train)) > expected_elements(n, tiny_config.train.k_train, 0.8)
+
+
+def test_step_time_over_the_budget_is_recorded_infeasible(tiny_artifacts, tiny_config, tmp_path):
+    from dataclasses import replace
+
+    cfg = replace(tiny_config, train=replace(tiny_config.train, time_budget_s_per_epoch=1e-6, budget_probe_steps=1))
+    summary = train_drafter(cfg, tiny_artifacts["target_json"], tiny_artifacts["hidden_dir"], "pard", 32,
+                            tmp_path / "run", **_quiet())
+    assert summary["status"] == "infeasible" and summary["method"] == "pard" and summary["ctx"] == 32
+    assert summary["projected_epoch_s"] == pytest.approx(summary["measured_step_s"] * summary["steps_per_epoch"])
+    assert summary["projected_epoch_s"] > 1e-6 and summary["completed_steps"] == 2  # 1 warm-up + 1 probe
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
+    assert not (tmp_path / "run" / "final").exists()
+    # A generous budget lets the same run finish.
+    cfg = replace(tiny_config, train=replace(tiny_config.train, time_budget_s_per_epoch=1e6))
+    ok = train_drafter(cfg, tiny_artifacts["target_json"], tiny_artifacts["hidden_dir"], "pard", 32,
+                       tmp_path / "run", **_quiet())
+    assert ok["status"] == "ok" and (tmp_path / "run" / "final").exists()
+
+
+def test_chunked_head_loss_equals_one_chunk():
+    from peagle.train import head_loss
+
+    g = torch.Generator().manual_seed(0)
+    m, h, v = 37, 8, 29
+    hid = torch.randn(m, h, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(v, h, dtype=torch.float64, generator=g, requires_grad=True)
+    tgt_h, tgt_w = torch.randn(m, h, dtype=torch.float64, generator=g), torch.randn(v, h, dtype=torch.float64, generator=g)
+    for kind in ("kl", "ce"):
+        ref, ref_hit = head_loss(hid, w, tgt_h, tgt_w, kind)
+        ref_grads = torch.autograd.grad(ref, (hid, w))
+        out, hit = head_loss(hid, w, tgt_h, tgt_w, kind, chunk_rows=5)
+        grads = torch.autograd.grad(out, (hid, w))
+        assert torch.allclose(out, ref, rtol=1e-12) and torch.equal(hit, ref_hit)
+        assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(grads, ref_grads))
+
+
+def test_unknown_method_is_a_clear_error(tiny_artifacts, tiny_config, tmp_path):
+    from peagle.train import TrainingError
+
+    with pytest.raises(TrainingError, match="unknown method 'medusa'"):
+        train_drafter(tiny_config, tiny_artifacts["target_json"], tiny_artifacts["hidden_dir"], "medusa", 32,
+                      tmp_path / "run", **_quiet())
+
+
+def test_failed_training_cells_flow_into_table1(tiny_config, tmp_path):
+    """An OOM / infeasible run's summary becomes an evaluation record and a table cell."""
+    from dataclasses import replace
+
+    from peagle.evaluate import evaluate_drafter
+    from peagle.tables import write_table1
+
+    cfg = replace(tiny_config, table1=replace(tiny_config.table1, contexts=[32], paper_contexts=[1024],
+                                              methods=["parallelspec", "pard"], eval_set="mt_bench", k=3))
+    evals = []
+    for method, status in (("parallelspec", "OOM"), ("pard", "infeasible")):
+        run = tmp_path / method
+        run.mkdir()
+        (run / "summary.json").write_text(json.dumps({"status": status, "method": method, "ctx": 32,
+                                                      "drafter_layers": 1, "budget_mb": 64}))
+        res = evaluate_drafter(cfg, "unused.json", run, tmp_path / "eval_mt_bench.jsonl", 3, **_quiet())
+        assert res["status"] == status and res["acceptance_length"] is None
+        evals.append(tmp_path / f"{method}.json")
+        evals[-1].write_text(json.dumps(res))
+    df = write_table1(cfg, [str(e) for e in evals], [], tmp_path / "table1.csv")
+    assert df.set_index("method")["ctx=32"].to_dict() == {"parallelspec": "OOM", "pard": "infeasible"}
+    prov = json.loads((tmp_path / "table1.provenance.json").read_text())
+    assert prov["cells"]["parallelspec@ctx=32"]["training"]["budget_mb"] == 64

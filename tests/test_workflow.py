@@ -23,7 +23,8 @@ from peagle.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SNAKEMAKE = str(BIN / "snakemake") if (BIN / "snakemake").exists() else shutil.which("snakemake")
-RULES = {"data", "target", "respond", "extract", "train", "evaluate", "table1", "all"}
+TABLE1_RULES = {"data", "target", "respond", "extract", "train", "evaluate", "table1"}
+RULES = TABLE1_RULES | {"table9", "drafting_cost_target", "drafting_cost", "compare", "all"}
 GPU_RULES = {"respond", "extract", "train", "evaluate"}
 
 pytestmark = [
@@ -92,14 +93,14 @@ def paper_plan():
 
 def test_tiny_dry_run(tiny_plan):
     cfg = load_config(ROOT / "config" / "tiny.yaml")
-    assert {j["rule"] for j in tiny_plan} == RULES - {"all"}  # the explicit target, not `all`
+    assert {j["rule"] for j in tiny_plan} == TABLE1_RULES  # the explicit target, not `all`
     cells = len(cfg.table1.methods) * len(cfg.table1.contexts)
     assert _count(tiny_plan, "train") == cells
     assert _count(tiny_plan, "evaluate") == cells
     for rule in ("data", "target", "respond", "extract", "table1"):
         assert _count(tiny_plan, rule) == 1
     trained = sorted(int(re.search(r"--ctx (\d+)", j["shell"]).group(1)) for j in tiny_plan if j["rule"] == "train")
-    assert trained == sorted(cfg.table1.contexts)
+    assert trained == sorted(cfg.table1.contexts * len(cfg.table1.methods))
     for job in tiny_plan:
         assert job["shell"].startswith(f"python -m peagle {job['rule']} "), job
         assert _configs(job["shell"]) == ["config/tiny.yaml"], job["shell"]
@@ -113,14 +114,29 @@ def test_tiny_dry_run(tiny_plan):
     assert table["shell"].count("benchmarks/tiny/evaluate/") == cells
 
 
-def test_default_target_is_table1():
+def test_default_target_is_every_table():
+    cfg = load_config(ROOT / "config" / "tiny.yaml")
     jobs = plan()
     assert {j["rule"] for j in jobs} == RULES
+    assert _count(jobs, "target") == _count(jobs, "extract") == len(cfg.targets) == 2
+    # Table 1's cells plus Table 9's (P-EAGLE at table9.ctx on the Table 1 target is shared).
+    t1 = {(cfg.table1_target, m, c) for m in cfg.table1.methods for c in cfg.table1.contexts}
+    t9 = {(t, m, cfg.table9.ctx) for t in cfg.table9_targets for m in cfg.table9.methods}
+    trained = {(re.search(r"drafters/([^/]+)/", j["shell"]).group(1), re.search(r"--method (\w+)", j["shell"]).group(1),
+                int(re.search(r"--ctx (\d+)", j["shell"]).group(1))) for j in jobs if j["rule"] == "train"}
+    assert trained == t1 | t9 and _count(jobs, "train") == len(t1 | t9)
+    moe = next(j for j in jobs if j["rule"] == "target" and "--name tiny-moe" in j["shell"])
+    assert "results/tiny/targets/tiny-moe" in moe["shell"]
+    cost = [j for j in jobs if j["rule"] == "drafting_cost_target"]
+    assert len(cost) == len(cfg.table9_targets) and all("--drafters " in j["shell"] for j in cost)
 
 
 def test_paper_dry_run(paper_plan, tiny_plan):
     cfg = load_config(ROOT / "config" / "paper.yaml")
     assert {j["rule"] for j in paper_plan} == {j["rule"] for j in tiny_plan}
+    # Table 1 runs on GPT-OSS 120B, as in the paper: the only target it needs.
+    (target,) = [j for j in paper_plan if j["rule"] == "target"]
+    assert "--name gpt-oss-120b" in target["shell"]
     assert _count(paper_plan, "train") == len(cfg.table1.methods) * len(cfg.table1.contexts)
     for job in paper_plan:
         # paper.yaml is a complete profile: tiny.yaml must not be merged under it.
@@ -148,7 +164,7 @@ def test_config_files_reach_the_cli_in_merge_order(configfiles, expected):
     data = next(j for j in jobs if j["rule"] == "data")
     assert f"--out-dir {merged.results_dir}/data" in data["shell"]
     trained = sorted(int(re.search(r"--ctx (\d+)", j["shell"]).group(1)) for j in jobs if j["rule"] == "train")
-    assert trained == sorted(merged.table1.contexts)
+    assert trained == sorted(merged.table1.contexts * len(merged.table1.methods))
 
 
 def test_overlay_outside_the_repository_is_passed_by_absolute_path(tmp_path):
@@ -200,7 +216,7 @@ def test_unconstrained_wildcards_do_not_match():
 def test_slurm_profile_dry_run():
     pytest.importorskip("snakemake_executor_plugin_slurm", reason="./setup.sh installs the SLURM executor plugin")
     jobs = plan("paper_tables/table1.csv", "--profile", "profiles/slurm", "--configfile", "config/paper.yaml")
-    assert {j["rule"] for j in jobs} == RULES - {"all"}
+    assert {j["rule"] for j in jobs} == TABLE1_RULES
     for job in jobs:
         if job["rule"] in GPU_RULES:
             assert "gpu=1" in job["resources"] and "gpu_model=h200" in job["resources"], job
@@ -218,31 +234,41 @@ def test_lint_is_clean(extra):
 
 
 def test_smoke_run_of_the_whole_dag(tmp_path):
-    """The real DAG at minimal sizes (tests/fixtures/smoke.yaml) in a scratch working directory.
+    """The real DAG (`all`) at minimal sizes (tests/fixtures/smoke.yaml) in a scratch working directory.
 
     `configfile:` resolves config/tiny.yaml against the working directory (hence the copy);
     --configfile resolves against the caller's cwd. Running in the repository itself would
-    overwrite paper_tables/table1.csv.
+    overwrite paper_tables/.
     """
     shutil.copytree(ROOT / "config", tmp_path / "config")
-    cmd = [SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "paper_tables/table1.csv", "--cores", "2",
+    cmd = [SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--cores", "2",
            "--directory", str(tmp_path), "--configfile", str(ROOT / "tests" / "fixtures" / "smoke.yaml")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
     smoke = load_config(ROOT / "config" / "tiny.yaml", ROOT / "tests" / "fixtures" / "smoke.yaml")
-    table = (tmp_path / "paper_tables" / "table1.csv").read_text().splitlines()
+    tables = tmp_path / "paper_tables"
+    table = (tables / "table1.csv").read_text().splitlines()
     assert table[0] == "method,layers," + ",".join(f"ctx={c}" for c in smoke.table1.contexts)
-    row = table[1].split(",")
-    assert row[0] == "peagle" and int(row[1]) == smoke.drafter.num_layers
-    assert all(1.0 <= float(v) <= smoke.table1.k + 1 for v in row[2:])
+    rows = {r.split(",")[0]: r.split(",")[1:] for r in table[1:]}
+    assert list(rows) == smoke.table1.methods
+    assert int(rows["peagle"][0]) == smoke.drafter.num_layers and int(rows["parallelspec"][0]) == 1
+    assert all(1.0 <= float(v) <= smoke.table1.k + 1 for r in rows.values() for v in r[1:])
 
-    prov = yaml.safe_load((tmp_path / "paper_tables" / "table1.provenance.json").read_text())
+    prov = yaml.safe_load((tables / "table1.provenance.json").read_text())
     assert prov["profile"] == "tiny" and prov["config"]["results_dir"] == "results/smoke"
     assert all(all(c["equal"] for c in cell["lossless_checks"]) for cell in prov["cells"].values())
     assert len(prov["wall_times_s"]) >= 2 * len(smoke.table1.contexts)
     for stage in ("data", "target", "respond", "extract"):
         assert list((tmp_path / "benchmarks").rglob(f"*{stage}*")), f"no benchmark for {stage}"
+
+    t9 = (tables / "table9.csv").read_text().splitlines()
+    assert len(t9) == 1 + len(smoke.targets) * len(smoke.table9.eval_sets)
+    assert {line.split(",")[1] for line in t9[1:]} == {"llama", "qwen3_moe"}
+    cost = (tables / "drafting_cost.csv").read_text().splitlines()
+    assert len(cost) == 1 + len(smoke.targets) * len(smoke.drafting_cost.methods) * len(smoke.drafting_cost.ks)
+    report = (tables / "comparison.md").read_text()
+    assert "Table 1" in report and "Table 9" in report
     # A finished DAG has nothing left to do.
     again = subprocess.run(cmd + ["--dry-run"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr

@@ -3,6 +3,7 @@
 # Nothing here does pipeline work; it only decides names and checks the configuration, at parse
 # time, so that a bad key fails before any job starts.
 
+import dataclasses
 import json
 import os
 import shlex
@@ -118,20 +119,46 @@ DATA_FILES = {
     "gsm8k": f"{R}/data/eval_gsm8k.jsonl",
     "manifest": f"{R}/data/manifest.json",
 }
-TARGET_JSON = f"{R}/target/target.json"
-RESPONSES = f"{R}/responses/train.jsonl"
-HIDDEN_MANIFEST = f"{R}/hidden/manifest.json"
-DRAFTER_DIR = f"{R}/drafters/{{method}}_ctx{{ctx}}"
-DRAFTER_CONFIG = f"{R}/drafters/{{method}}_ctx{{ctx}}/final/config.json"
-EVAL_JSON = f"{R}/eval/{{method}}_ctx{{ctx}}/{{evalset}}_k{{k}}.json"
-TRAIN_BENCH = f"{BENCH}/train/{{method}}_ctx{{ctx}}.tsv"
-EVAL_BENCH = f"{BENCH}/evaluate/{{method}}_ctx{{ctx}}/{{evalset}}_k{{k}}.tsv"
-TABLE1_CSV = "paper_tables/table1.csv"
-TABLE1_PROVENANCE = "paper_tables/table1.provenance.json"
+# Per target (the profile's `target` and `extra_targets`, by name): the model record, its
+# regenerated responses, hidden states, drafters and evaluations.
+TARGET_NAMES = [t.name for t in CFG.targets]
+TARGET_JSON = f"{R}/targets/{{target}}/target.json"
+RESPONSES = f"{R}/targets/{{target}}/responses/train.jsonl"
+HIDDEN_MANIFEST = f"{R}/targets/{{target}}/hidden/manifest.json"
+DRAFTER_DIR = f"{R}/drafters/{{target}}/{{method}}_ctx{{ctx}}"
+# summary.json is written by every run, also one that ends OOM or infeasible (then without final/).
+DRAFTER_SUMMARY = f"{DRAFTER_DIR}/summary.json"
+EVAL_JSON = f"{R}/eval/{{target}}/{{method}}_ctx{{ctx}}/{{evalset}}_k{{k}}.json"
+TRAIN_BENCH = f"{BENCH}/train/{{target}}/{{method}}_ctx{{ctx}}.tsv"
+EVAL_BENCH = f"{BENCH}/evaluate/{{target}}/{{method}}_ctx{{ctx}}/{{evalset}}_k{{k}}.tsv"
+TABLES_DIR = "paper_tables"
+TABLE1_CSV = f"{TABLES_DIR}/table1.csv"
+TABLE1_PROVENANCE = f"{TABLES_DIR}/table1.provenance.json"
+TABLE9_CSV = f"{TABLES_DIR}/table9.csv"
+TABLE9_PROVENANCE = f"{TABLES_DIR}/table9.provenance.json"
+DRAFTING_COST_CSV = f"{TABLES_DIR}/drafting_cost.csv"
+COMPARISON = f"{TABLES_DIR}/comparison.md"
 
-# Table 1's cells: every method x training context, at one evaluation set and depth k.
+
+def stage_benchmarks(name):
+    """Benchmark files of the stages that made target ``name``'s training data."""
+    return [f"{BENCH}/data.tsv"] + [f"{BENCH}/{stage}/{name}.tsv" for stage in ("target", "respond", "extract")]
+
+
+def for_target(pattern, name):
+    """``pattern`` with its {target} wildcard filled in (other wildcards stay)."""
+    return pattern.replace("{target}", name)
+
+
+# Table 1's cells: every method x training context, on one target, evaluation set and depth k.
 TABLE1_CELLS = dict(
-    method=CFG.table1.methods, ctx=CFG.table1.contexts, evalset=[CFG.table1.eval_set], k=[CFG.table1.k]
+    target=[CFG.table1_target], method=CFG.table1.methods, ctx=CFG.table1.contexts,
+    evalset=[CFG.table1.eval_set], k=[CFG.table1.k],
+)
+# Table 9's cells: every target x method x evaluation set, at one training context and depth k.
+TABLE9_CELLS = dict(
+    target=CFG.table9_targets, method=CFG.table9.methods, ctx=[CFG.table9.ctx],
+    evalset=CFG.table9.eval_sets, k=[CFG.table9.k],
 )
 
 
@@ -159,6 +186,7 @@ class ConfigArgs:
 
 CONFIG_ARGS = ConfigArgs(CONFIG_FILES)
 _EFFECTIVE = CFG.to_dict()  # the validated config, defaults filled in
+_EFFECTIVE["targets_in_effect"] = [dataclasses.asdict(t) for t in CFG.targets]
 
 
 def settings(*keys):
@@ -178,6 +206,17 @@ def settings(*keys):
             node = node[part]
         out[key] = node
     return json.dumps(out, sort_keys=True, separators=(",", ":"))
+
+
+def target_settings(*keys):
+    """Like :func:`settings`, plus the configuration of the job's {target} (a params function)."""
+
+    def params(wildcards):
+        base = json.loads(settings(*keys))
+        base["target"] = next(t for t in _EFFECTIVE["targets_in_effect"] if t["name"] == wildcards.target)
+        return json.dumps(base, sort_keys=True, separators=(",", ":"))
+
+    return params
 
 
 # Threads of the torch stages: runtime.threads (2 on tiny; the CPU cores per GPU on paper).

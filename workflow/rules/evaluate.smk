@@ -1,10 +1,11 @@
-# Acceptance length of one drafter on one evaluation set at speculation depth k.
+# Acceptance length of one drafter on one evaluation set at speculation depth k. A training run
+# that ended OOM or infeasible gives a result file with that status (no decoding).
 
 
 rule evaluate:
     input:
         target=TARGET_JSON,
-        drafter=DRAFTER_CONFIG,
+        summary=DRAFTER_SUMMARY,
         prompts=f"{R}/data/eval_{{evalset}}.jsonl",
     output:
         result=EVAL_JSON,
@@ -14,9 +15,9 @@ rule evaluate:
             "seed", "eval.max_new_tokens", "eval.n_prompts", "eval.lossless_check_prompts",
             "runtime.device", "runtime.dtype",
         ),
-        drafter_dir=lambda wildcards, input: os.path.dirname(input.drafter),
+        run_dir=lambda wildcards, input: os.path.dirname(input.summary),
     log:
-        f"{LOGS}/evaluate/{{method}}_ctx{{ctx}}/{{evalset}}_k{{k}}.log",
+        f"{LOGS}/evaluate/{{target}}/{{method}}_ctx{{ctx}}/{{evalset}}_k{{k}}.log",
     benchmark:
         EVAL_BENCH
     threads: TORCH_THREADS
@@ -25,5 +26,5 @@ rule evaluate:
     conda:
         "../../envs/core.yaml"
     shell:
-        "python -m peagle evaluate {params.config} --target {input.target} --drafter {params.drafter_dir}"
+        "python -m peagle evaluate {params.config} --target {input.target} --drafter {params.run_dir}"
         " --prompts {input.prompts} --k {wildcards.k} --out {output.result} > {log} 2>&1"

@@ -12,9 +12,9 @@ rule extract:
         settings=settings("hidden", "runtime.device", "runtime.dtype"),
         out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
     log:
-        f"{LOGS}/extract.log",
+        f"{LOGS}/extract/{{target}}.log",
     benchmark:
-        f"{BENCH}/extract.tsv"
+        f"{BENCH}/extract/{{target}}.tsv"
     threads: TORCH_THREADS
     resources:
         **GPU_RESOURCES,

@@ -13,8 +13,8 @@ MEMORY_FIG = expand(f"{FIGURES_DIR}/memory_scaling.{{ext}}", ext=["png", "pdf"])
 
 rule table2:
     input:
-        target=TARGET_JSON,
-        hidden=HIDDEN_MANIFEST,
+        target=for_target(TARGET_JSON, CFG.table1_target),
+        hidden=for_target(HIDDEN_MANIFEST, CFG.table1_target),
     output:
         table=TABLE2_CSV,
         provenance=TABLE2_PROVENANCE,

@@ -1,5 +1,6 @@
-# The frozen target: built and pretrained here (tiny) or recorded from Hugging Face (paper), and
-# its greedy responses to the training prompts.
+# The frozen targets (the profile's `target` and `extra_targets`, by name): built and pretrained
+# here (tiny) or recorded from Hugging Face (paper), and their greedy responses to the training
+# prompts. All targets share the prompts of the data rule.
 
 
 rule target:
@@ -10,19 +11,19 @@ rule target:
         target=TARGET_JSON,
     params:
         config=CONFIG_ARGS,
-        settings=settings("profile", "seed", "target", "eval.sets", "runtime.device", "runtime.dtype"),
+        settings=target_settings("profile", "seed", "eval.sets", "runtime.device", "runtime.dtype"),
         data_dir=lambda wildcards, input: os.path.dirname(input.train),
         out_dir=lambda wildcards, output: os.path.dirname(output.target),
     log:
-        f"{LOGS}/target.log",
+        f"{LOGS}/target/{{target}}.log",
     benchmark:
-        f"{BENCH}/target.tsv"
+        f"{BENCH}/target/{{target}}.tsv"
     threads: TORCH_THREADS
     conda:
         "../../envs/core.yaml"
     shell:
-        "python -m peagle target {params.config} --data-dir {params.data_dir} --out-dir {params.out_dir}"
-        " > {log} 2>&1"
+        "python -m peagle target {params.config} --name {wildcards.target} --data-dir {params.data_dir}"
+        " --out-dir {params.out_dir} > {log} 2>&1"
 
 
 rule respond:
@@ -35,9 +36,9 @@ rule respond:
         config=CONFIG_ARGS,
         settings=settings("respond", "runtime.device", "runtime.dtype"),
     log:
-        f"{LOGS}/respond.log",
+        f"{LOGS}/respond/{{target}}.log",
     benchmark:
-        f"{BENCH}/respond.tsv"
+        f"{BENCH}/respond/{{target}}.tsv"
     threads: TORCH_THREADS
     resources:
         **GPU_RESOURCES,

@@ -1,4 +1,7 @@
-# One drafter per (method, training context length): DRAFTER_DIR/final/ is the vLLM-loadable model.
+# One drafter per (target, method, training context length). DRAFTER_DIR/final/ is the
+# vLLM-loadable model; summary.json is the run's result, also when the run ends OOM under
+# train.memory_budget_mb or infeasible under train.time_budget_s_per_epoch (then it records the
+# measurement and there is no final/). Those cells are results, so the job succeeds.
 
 
 rule train:
@@ -6,14 +9,14 @@ rule train:
         target=TARGET_JSON,
         hidden=HIDDEN_MANIFEST,
     output:
-        config=DRAFTER_CONFIG,
+        summary=DRAFTER_SUMMARY,
     params:
         config=CONFIG_ARGS,
-        settings=settings("seed", "drafter", "train", "runtime.device", "runtime.dtype"),
+        settings=settings("seed", "drafter", "train", "methods", "runtime.device", "runtime.dtype"),
         hidden_dir=lambda wildcards, input: os.path.dirname(input.hidden),
-        out_dir=lambda wildcards, output: os.path.dirname(os.path.dirname(output.config)),
+        out_dir=lambda wildcards, output: os.path.dirname(output.summary),
     log:
-        f"{LOGS}/train/{{method}}_ctx{{ctx}}.log",
+        f"{LOGS}/train/{{target}}/{{method}}_ctx{{ctx}}.log",
     benchmark:
         TRAIN_BENCH
     threads: TORCH_THREADS
