@@ -430,7 +430,7 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
             # Each sequence's loss is normalised by its own supervised count, then averaged.
             if not plan.parallel:
                 loss_t, stats = ttt_loss(drafter, target_head, {k: v.to(device) for k, v in rows.items()},
-                                         plan.depths, plan.ttt_decay, tc.loss)
+                                         plan.depths, plan.ttt_decay, tc.loss, tc.loss_chunk_rows)
                 (loss_t / len(batch)).backward()
                 loss_total += float(loss_t.detach()) / len(batch)
                 n_sup, n_el = stats["supervised"], stats["elements"]
