@@ -42,6 +42,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/scaling.smk"
+include: "workflow/rules/vllm.smk"
 
 
 localrules:
@@ -50,6 +51,9 @@ localrules:
     table9,
     drafting_cost,
     compare,
+    table10,
+    vllm_crosscheck,
+    vllm_all,
 
 
 rule all:

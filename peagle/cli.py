@@ -172,6 +172,15 @@ def cmd_figures(args) -> None:
         _log(f"wrote {path}")
 
 
+def cmd_fig1(args) -> None:
+    cfg = _config(args)
+    from peagle.figures import plot_fig1
+
+    contexts = args.contexts if args.contexts is not None else list(cfg.table1.contexts)
+    for path in plot_fig1(args.responses, args.out, label=args.target_name, contexts=contexts):
+        _log(f"wrote {path}")
+
+
 def cmd_memory_scaling(args) -> None:
     cfg = _config(args)
     from peagle.bench.memory import run_sweep
@@ -190,6 +199,14 @@ def cmd_table9(args) -> None:
     print(df.to_string(index=False))
 
 
+def cmd_table10(args) -> None:
+    cfg = _config(args)
+    from peagle.tables import write_table10
+
+    df = write_table10(cfg, args.results, args.out, config_files=args.config)
+    print(df.to_string(index=False))
+
+
 def cmd_drafting_cost(args) -> None:
     cfg = _config(args)
     _threads(cfg)
@@ -201,6 +218,36 @@ def cmd_drafting_cost(args) -> None:
     max_new = args.max_new_tokens or getattr(dc, "max_new_tokens", None) or cfg.eval.max_new_tokens
     df = write_drafting_cost(cfg, args.target, args.drafters, args.prompts, ks, n_prompts, max_new, args.out,
                              config_files=args.config, progress=not args.no_progress, log=_log)
+    print(df.to_string(index=False))
+
+
+def cmd_vllm_eval(args) -> None:
+    cfg = _config(args)
+    from peagle.io import atomic_write_json
+    from peagle.vllm_bench import vllm_eval
+
+    if args.drafter is not None and args.k is None:
+        raise ValueError("--k is required with --drafter")
+    result = vllm_eval(cfg, args.target, args.drafter, args.prompts, args.k, baseline=args.baseline,
+                       engine_result=args.engine_result, work_dir=args.work_dir, log=_log)
+    atomic_write_json(args.out, result)
+
+
+def cmd_vllm_throughput(args) -> None:
+    cfg = _config(args)
+    from peagle.io import atomic_write_json
+    from peagle.vllm_bench import vllm_throughput
+
+    if args.drafter is not None and args.k is None:
+        raise ValueError("--k is required with --drafter")
+    result = vllm_throughput(cfg, args.target, args.drafter, args.prompts, args.k, work_dir=args.work_dir, log=_log)
+    atomic_write_json(args.out, result)
+
+
+def cmd_vllm_crosscheck(args) -> None:
+    from peagle.vllm_bench import write_crosscheck
+
+    df = write_crosscheck(args.results, args.out)
     print(df.to_string(index=False))
 
 
@@ -274,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp = add("figures", cmd_figures, "paper Figs. 3-4: the cross-depth mask and sequence partitioning")
     sp.add_argument("--out-dir", required=True)
+    sp = add("fig1", cmd_fig1, "paper Fig. 1: length distribution of a target's regenerated training data")
+    sp.add_argument("--responses", required=True, help="the respond stage's JSONL")
+    sp.add_argument("--out", required=True, help="base path: writes OUT.png, OUT.pdf and OUT.csv")
+    sp.add_argument("--target-name", help="label for the title and the CSV")
+    sp.add_argument("--contexts", type=int, nargs="*",
+                    help="training contexts to mark (default: table1.contexts; none: no markers)")
     sp = add("memory-scaling", cmd_memory_scaling,
              "peak training memory and step time vs context length and partitions (one subprocess each)")
     sp.add_argument("--out", required=True, help="CSV (provenance sidecar written beside it)")
@@ -290,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("table9", cmd_table9, "paper Table 9: EAGLE-3 vs P-EAGLE acceptance length per target and set")
     sp.add_argument("--evals", nargs="+", required=True)
     sp.add_argument("--out", required=True)
+    sp = add("table10", cmd_table10, "paper Table 10: vLLM output tokens/s, P-EAGLE at each K vs EAGLE-3 at its best K")
+    sp.add_argument("--results", nargs="+", required=True, help="vllm-throughput JSONs")
+    sp.add_argument("--out", required=True)
     sp = add("drafting-cost", cmd_drafting_cost,
              "engine drafting/verification ms per round and tokens/s vs K, one target (CPU Table 10)")
     sp.add_argument("--target", required=True, help="target.json")
@@ -300,6 +356,30 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-new-tokens", type=int, help="default: drafting_cost.max_new_tokens")
     sp.add_argument("--out", required=True, help="CSV (provenance sidecar written beside it)")
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # The vLLM stage runs with the vLLM environment's python and the repo on PYTHONPATH (peagle is not
+    # installed there): PYTHONPATH=$REPO $VLLM_PY -m peagle vllm-eval ... (see peagle/vllm_bench.py).
+    sp = add("vllm-eval", cmd_vllm_eval, "acceptance length in vLLM's offline engine, checked lossless and "
+             "parallel; without --drafter: the no-speculation baseline")
+    sp.add_argument("--target", required=True, help="target.json")
+    sp.add_argument("--drafter", help="a drafter checkpoint dir, or a training run dir (summary.json + final/)")
+    sp.add_argument("--prompts", required=True, help="evaluation prompts (eval_*.jsonl)")
+    sp.add_argument("--k", type=int, help="speculation depth (required with --drafter)")
+    sp.add_argument("--baseline", help="a baseline JSON from `vllm-eval` without --drafter (else run here)")
+    sp.add_argument("--engine-result", help="the evaluate stage's JSON for the same cell: cross-check the ALs")
+    sp.add_argument("--work-dir", help="keep vLLM's requests, results and logs here (default: a temp dir)")
+    sp.add_argument("--out", required=True)
+    sp = add("vllm-throughput", cmd_vllm_throughput, "vLLM serving benchmark at vllm.concurrency levels: "
+             "output tokens/s, TPOT, AL (Table 10)")
+    sp.add_argument("--target", required=True, help="target.json")
+    sp.add_argument("--drafter", help="drafter checkpoint or run dir (omit: no speculation)")
+    sp.add_argument("--prompts", required=True, help="evaluation prompts (eval_*.jsonl)")
+    sp.add_argument("--k", type=int, help="speculation depth (required with --drafter)")
+    sp.add_argument("--work-dir", help="keep the server log and benchmark JSONs here (default: a temp dir)")
+    sp.add_argument("--out", required=True)
+    sp = sub.add_parser("vllm-crosscheck", help="engine vs vLLM acceptance length of vllm-eval results, one table")
+    sp.set_defaults(fn=cmd_vllm_crosscheck)
+    sp.add_argument("--results", nargs="+", required=True, help="vllm-eval JSONs (run with --engine-result)")
+    sp.add_argument("--out", required=True, help="CSV (provenance sidecar written beside it)")
     sp = sub.add_parser("compare", help="regenerated tables beside the paper's numbers, with verdicts")
     sp.set_defaults(fn=cmd_compare)
     sp.add_argument("--tables-dir", default="paper_tables")

@@ -312,6 +312,58 @@ class DraftingCostConfig:
 
 
 @dataclass(frozen=True)
+class VllmConfig:
+    """The vLLM stage (DESIGN §6-7, peagle.vllm_bench): offline acceptance with the engine cross-check,
+    and the serving benchmark behind Table 10. Defaults: the measured CPU setup (docs/vllm_cpu_notes.md)."""
+
+    python: str = ".venv-vllm/bin/python"  # the vLLM env's interpreter (envs/setup_vllm_cpu.sh); unused with --use-conda
+    dtype: str = "float32"  # fp32: bit-level comparability with the engine on CPU; bfloat16 on H200
+    max_model_len: int = 1024  # >= longest eval prompt + eval.max_new_tokens + K + 1 (checked)
+    kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE (CPU backend)
+    gpu_memory_utilization: float = 0.9  # CUDA only
+    enforce_eager: bool = True
+    max_num_seqs: int = 8
+    seed: int = 0
+    iomp_preload: bool = True  # LD_PRELOAD the env's libiomp5.so when present (CPU)
+    startup_timeout_s: float = 900.0
+    run_timeout_s: float = 1800.0
+    concurrency: list[int] = field(default_factory=lambda: [1, 2, 4])  # serving benchmark levels
+    n_prompts: int = 8  # prompts per concurrency level (first of the evaluation set)
+    output_len: int = 32  # tokens per request (--ignore-eos)
+    num_warmups: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in ("float32", "bfloat16", "float16"), "vllm.dtype", "use float32, bfloat16 or float16")
+        _check(self.max_model_len >= 16, "vllm.max_model_len", "must be >= 16 tokens")
+        _check(self.kv_cache_gib >= 1, "vllm.kv_cache_gib", "must be >= 1 (GiB)")
+        _check(0 < self.gpu_memory_utilization <= 1, "vllm.gpu_memory_utilization", "must be in (0, 1]")
+        _check(bool(self.concurrency) and all(c >= 1 for c in self.concurrency), "vllm.concurrency",
+               "a non-empty list of levels >= 1")
+        _check(self.n_prompts >= 1 and self.output_len >= 1, "vllm.n_prompts", "n_prompts and output_len must be >= 1")
+        _check(self.max_num_seqs >= 1, "vllm.max_num_seqs", "must be >= 1")
+        _check(self.startup_timeout_s > 0 and self.run_timeout_s > 0, "vllm.startup_timeout_s",
+               "timeouts must be > 0 (s)")
+        _check(self.num_warmups >= 0, "vllm.num_warmups", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class Table10Config:
+    """vLLM output tokens/s of P-EAGLE at each K vs EAGLE-3 at its best K (paper Table 10)."""
+
+    targets: list[str] | None = None  # target names; None: every target of the profile
+    eval_sets: list[str] = field(default_factory=lambda: ["mt_bench", "humaneval", "gsm8k"])
+    ks: list[int] = field(default_factory=lambda: [3, 5, 7])  # P-EAGLE (each <= train.k_train)
+    eagle3_ks: list[int] = field(default_factory=lambda: [3, 5, 7])  # EAGLE-3's best K is picked among these
+
+    def __post_init__(self) -> None:
+        _check(bool(self.ks) and all(k >= 1 for k in self.ks), "table10.ks", "each K must be >= 1")
+        _check(bool(self.eagle3_ks) and all(k >= 1 for k in self.eagle3_ks), "table10.eagle3_ks",
+               "each K must be >= 1")
+        bad = sorted(set(self.eval_sets) - {"mt_bench", "humaneval", "gsm8k"})
+        _check(not bad, "table10.eval_sets", f"unknown evaluation sets {bad}; use mt_bench, humaneval, gsm8k")
+
+
+@dataclass(frozen=True)
 class ScalingConfig:
     """Training-overhead and memory benchmarks (paper Table 2, Figs. 3-4, memory scaling)."""
 
@@ -357,6 +409,8 @@ class Config:
     table9: Table9Config = field(default_factory=Table9Config)
     drafting_cost: DraftingCostConfig = field(default_factory=DraftingCostConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+    table10: Table10Config = field(default_factory=Table10Config)
     # Further targets (Table 9 runs every target); each has its own name, data and drafters.
     extra_targets: list[TargetConfig] = field(default_factory=list)
     methods: dict[str, MethodConfig] = field(
@@ -375,7 +429,8 @@ class Config:
         for name in self.methods:
             _check(re.fullmatch(r"[a-z0-9]+", name) is not None, f"methods.{name}",
                    "method names are lower-case letters and digits (they name result directories)")
-        for key, wanted in (("table1.target", [self.table1.target]), ("table9.targets", self.table9.targets)):
+        for key, wanted in (("table1.target", [self.table1.target]), ("table9.targets", self.table9.targets),
+                            ("table10.targets", self.table10.targets)):
             bad = sorted(set(w for w in wanted or [] if w is not None) - set(names))
             _check(not bad, key, f"unknown targets {bad}; the profile's targets are {names}")
 
@@ -397,6 +452,10 @@ class Config:
     @property
     def table9_targets(self) -> list[str]:
         return self.table9.targets or [t.name for t in self.targets]
+
+    @property
+    def table10_targets(self) -> list[str]:
+        return self.table10.targets or [t.name for t in self.targets]
 
     def method(self, name: str) -> MethodConfig:
         if name not in self.methods:

@@ -180,3 +180,86 @@ def write_figures(cfg: Config, out_dir: str | Path) -> list[Path]:
     """Write fig3_mask.{png,pdf} and fig4_partition.{png,pdf} into ``out_dir``."""
     out = Path(out_dir)
     return plot_fig3(out / "fig3_mask") + plot_fig4(out / "fig4_partition", cfg.scaling.fig4_segments)
+
+
+# --------------------------------------------------------------------------- Figure 1
+
+FIG1_STATS = ("n", "mean", "median", "p90", "p99", "max")
+
+
+def read_sequence_lengths(responses: str | Path) -> np.ndarray:
+    """Prompt + response length of every regenerated training sequence, in target tokens: int64 [N].
+
+    ``responses`` is the respond stage's JSONL (``{"id", "prompt_ids", "response_ids"}`` per line);
+    a line without both id lists is an error naming the file and line.
+    """
+    import json
+
+    lengths = []
+    with open(responses) as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                lengths.append(len(rec["prompt_ids"]) + len(rec["response_ids"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{responses}:{i}: not a responses record with prompt_ids and response_ids "
+                                 f"({type(err).__name__}: {err})") from None
+    if not lengths:
+        raise ValueError(f"{responses}: no sequences")
+    return np.asarray(lengths, dtype=np.int64)
+
+
+def length_stats(lengths: np.ndarray) -> dict[str, float]:
+    """n, mean, median, p90, p99, max of ``lengths`` (percentiles: numpy's linear interpolation)."""
+    x = np.asarray(lengths, dtype=np.float64)
+    med, p90, p99 = np.percentile(x, [50, 90, 99])
+    return {"n": int(x.size), "mean": float(x.mean()), "median": float(med), "p90": float(p90),
+            "p99": float(p99), "max": float(x.max())}
+
+
+def plot_fig1(responses: str | Path, out_base: str | Path, label: str | None = None,
+              contexts: list[int] | tuple[int, ...] = ()) -> list[Path]:
+    """Figure 1: histogram of prompt + response lengths with median, P90 and P99 marked.
+
+    Writes ``out_base``.png/.pdf and ``out_base``.csv (one row: label, responses file, then
+    :data:`FIG1_STATS`, then ``share_over_<c>`` = fraction of sequences longer than each training
+    context ``c`` in ``contexts``, which are also drawn as dotted lines). Returns the three paths.
+    """
+    import pandas as pd
+
+    from peagle.io import atomic_path, atomic_write_text
+
+    out_base = Path(out_base)
+    lengths = read_sequence_lengths(responses)
+    stats = length_stats(lengths)
+    row = {"target": label or "", "responses": str(responses), **stats,
+           **{f"share_over_{c}": float((lengths > c).mean()) for c in contexts}}
+
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    bins = min(60, max(10, int(np.sqrt(lengths.size))))
+    ax.hist(lengths, bins=bins, color="#8fb3d9", edgecolor="white")
+    for key, name, color, ls in (("median", "median", "#1b4f8a", "-"), ("p90", "P90", "#e08a2c", "--"),
+                                 ("p99", "P99", "crimson", ":")):
+        ax.axvline(stats[key], color=color, ls=ls, lw=1.8, label=f"{name} = {stats[key]:.0f}")
+    for c in contexts:
+        ax.axvline(c, color="0.45", ls=(0, (1, 3)), lw=1)
+        ax.text(c, ax.get_ylim()[1] * 0.97, f" ctx {c}", rotation=90, va="top", ha="right", fontsize=7, color="0.35")
+    ax.set_xlabel("prompt + response length (target tokens)")
+    ax.set_ylabel("sequences")
+    ax.set_title(f"Regenerated training data{f' of {label}' if label else ''}: {stats['n']} sequences, "
+                 f"mean {stats['mean']:.0f}, max {stats['max']:.0f}")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    paths = []
+    for ext in ("png", "pdf"):
+        path = out_base.with_suffix(f".{ext}")
+        with atomic_path(path) as tmp:  # temp name has no extension: give the format explicitly
+            fig.savefig(tmp, format=ext, dpi=200, bbox_inches="tight")
+        paths.append(path)
+    plt.close(fig)
+    csv_path = out_base.with_suffix(".csv")
+    atomic_write_text(csv_path, pd.DataFrame([row]).to_csv(index=False))
+    return paths + [csv_path]

@@ -269,6 +269,122 @@ def write_table9(cfg: Config, evals: list[str], out: str | Path,
     return df
 
 
+# --------------------------------------------------------------------------- Table 10
+
+TABLE10_METHODS = ("eagle3", "peagle")
+
+
+def table10_columns(ks: list[int]) -> list[str]:
+    per_k = [c for k in ks for c in (f"peagle_k{k}_tok_s", f"peagle_k{k}_al", f"speedup_k{k}")]
+    return (["target", "eval_set", "concurrency", "eagle3_k", "eagle3_tok_s", "eagle3_al"] + per_k
+            + ["peagle_best_k", "speedup_best"])
+
+
+def write_table10(cfg: Config, results: list[str], out: str | Path,
+                  config_files: list[str] | None = None) -> pd.DataFrame:
+    """Table 10: vLLM output tokens/s of P-EAGLE at each K vs EAGLE-3 at its best K, with speedups.
+
+    ``results`` are ``vllm-throughput`` JSONs (one drafter x K x target x evaluation set, with
+    ``concurrency``: [{"concurrency", "output_tokens_per_s", "acceptance_length", ...}]). One row per
+    target x evaluation set x concurrency; EAGLE-3's K is the one with the most output tokens/s in
+    that row (among the EAGLE-3 results given). ``speedup_kK`` = P-EAGLE at K / EAGLE-3 at its best
+    K; ``speedup_best`` uses P-EAGLE's best K. P-EAGLE's Ks: ``table10.ks`` (default 3, 5, 7);
+    concurrencies: ``vllm.concurrency`` (default 1, 2, 4). A cell whose drafter did not train
+    (``status`` OOM/infeasible) shows the status and has no speedup. Every row needs every P-EAGLE
+    K and at least one EAGLE-3 result, else :class:`TableError` lists what is missing.
+    """
+    t10 = getattr(cfg, "table10", None)
+    ks = list(getattr(t10, "ks", None) or [3, 5, 7])
+    wanted_c = list(getattr(getattr(cfg, "vllm", None), "concurrency", None) or [1, 2, 4])
+    cells: dict[tuple[str, str, str, int], dict[str, Any]] = {}
+    targets: list[str] = []
+    for path in results:
+        res = _load_eval(path)
+        for key in ("method", "eval_set", "k"):
+            if res.get(key) is None and res.get("status", "ok") == "ok":
+                raise TableError(f"{path}: no '{key}' in the throughput result (a no-speculation run?)")
+        method, eval_set = str(res["method"]), str(res["eval_set"])
+        if method not in TABLE10_METHODS:
+            raise TableError(f"{path}: method {method!r}; table10 compares {' and '.join(TABLE10_METHODS)}")
+        target = _target_name(res)
+        key = (target, eval_set, method, int(res["k"]))
+        if key in cells:
+            raise TableError(f"{path}: a second result for {method} K={key[3]} on {target}/{eval_set} "
+                             f"(the first is {cells[key]['file']})")
+        levels = {int(lv["concurrency"]): lv for lv in res.get("concurrency") or []}
+        if res.get("status", "ok") == "ok":
+            absent = [c for c in wanted_c if c not in levels]
+            if absent:
+                raise TableError(f"{path}: no measurement at concurrency {absent} (vllm.concurrency)")
+        cells[key] = {**res, "file": str(path), "levels": levels}
+        if target not in targets:
+            targets.append(target)
+    if not cells:
+        raise TableError("table10: no throughput results given")
+    sets = [s for s in EVAL_SET_ORDER if any(k[1] == s for k in cells)]
+    missing = []
+    for t in targets:
+        for s in sets:
+            missing += [f"peagle K={k} on {t}/{s}" for k in ks if (t, s, "peagle", k) not in cells]
+            if not any(k[:3] == (t, s, "eagle3") for k in cells):
+                missing.append(f"eagle3 (any K) on {t}/{s}")
+    if missing:
+        raise TableError(f"table10: {len(missing)} cell(s) missing among {len(results)} files: {', '.join(missing)}")
+
+    def measure(cell: dict[str, Any], c: int) -> tuple[float | str, float | None]:
+        if cell.get("status", "ok") != "ok":
+            return str(cell["status"]), None
+        lv = cell["levels"][c]
+        al = lv.get("acceptance_length")
+        return float(lv["output_tokens_per_s"]), None if al is None else round(float(al), 3)
+
+    rows = []
+    for t in targets:
+        for s in sets:
+            e3 = sorted((k[3], cell) for k, cell in cells.items() if k[:3] == (t, s, "eagle3"))
+            for c in wanted_c:
+                row: dict[str, Any] = {"target": t, "eval_set": s, "concurrency": c}
+                ok = [(tok, k, al) for k, cell in e3 for tok, al in [measure(cell, c)] if isinstance(tok, float)]
+                if ok:
+                    e_tok, e_k, e_al = max(ok, key=lambda x: x[0])
+                    row.update(eagle3_k=e_k, eagle3_tok_s=round(e_tok, 2), eagle3_al=e_al)
+                else:  # every EAGLE-3 drafter failed to train: show the status
+                    row.update(eagle3_k=None, eagle3_tok_s=measure(e3[0][1], c)[0], eagle3_al=None)
+                    e_tok = None
+                best = None
+                for k in ks:
+                    tok, al = measure(cells[(t, s, "peagle", k)], c)
+                    sp = round(tok / e_tok, 3) if isinstance(tok, float) and e_tok else None
+                    row.update({f"peagle_k{k}_tok_s": round(tok, 2) if isinstance(tok, float) else tok,
+                                f"peagle_k{k}_al": al, f"speedup_k{k}": sp})
+                    if isinstance(tok, float) and (best is None or tok > best[0]):
+                        best = (tok, k)
+                row["peagle_best_k"] = best[1] if best else None
+                row["speedup_best"] = round(best[0] / e_tok, 3) if best and e_tok else None
+                rows.append(row)
+    df = pd.DataFrame(rows, columns=table10_columns(ks))
+    for col in ("concurrency", "eagle3_k", "peagle_best_k"):
+        df[col] = df[col].astype("Int64")
+    out = Path(out)
+    atomic_write_text(out, df.to_csv(index=False))
+    keep = ("file", "status", "drafter", "k", "k_train", "method", "ctx", "prompts", "output_len", "speculative_config",
+            "server_startup_s", "concurrency", "settings", "device", "vllm_version", "target")
+    provenance = {
+        "table": "table10",
+        "profile": cfg.profile,
+        "what": "vLLM serving benchmark: output tokens/s (and acceptance length from vLLM's counters) of P-EAGLE "
+                f"at K in {ks} vs EAGLE-3 at its best K per row; speedup = P-EAGLE / EAGLE-3 tok/s",
+        "commit": git_commit(),
+        "config_files": config_files,
+        "config": cfg.to_dict(),
+        "seeds": {"global": cfg.seed},
+        "cells": {f"{t}/{s}/{m}/k{k}": {k_: v for k_, v in cell.items() if k_ in keep}
+                  for (t, s, m, k), cell in sorted(cells.items())},
+    }
+    atomic_write_json(out.with_suffix(".provenance.json"), provenance)
+    return df
+
+
 # --------------------------------------------------------------------------- merging CSVs
 
 

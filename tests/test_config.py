@@ -173,7 +173,7 @@ _SCALARS = {int: "integer", float: "number", str: "string", bool: "boolean"}
 
 # Keys typed ``list[str]`` in the dataclass whose values __post_init__ restricts to a fixed set;
 # the schema states that set as an enum (checked against the dataclass below).
-REFINED_ENUMS = {"eval.sets", "table9.eval_sets"}
+REFINED_ENUMS = {"eval.sets", "table9.eval_sets", "table10.eval_sets"}
 
 
 def _annotation_shape(tp: Any) -> tuple:

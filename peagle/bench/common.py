@@ -27,25 +27,30 @@ def timed(device: torch.device, fn, *args: Any, **kwargs: Any) -> tuple[Any, flo
 
 
 def bench_drafter(cfg: Config, hidden_size: int, vocab_size: int, mask_token_id: int, max_positions: int,
-                  device: torch.device, dtype: torch.dtype, seed: int = 0) -> tuple[PEagleDrafter, torch.Tensor]:
+                  device: torch.device, dtype: torch.dtype, seed: int = 0, *, num_layers: int | None = None,
+                  parallel: bool = True, embed_trainable: bool | None = None) -> tuple[PEagleDrafter, torch.Tensor]:
     """A randomly initialised drafter of the configured architecture and a frozen LM head [V, H].
 
     Built like ``peagle.train.train_drafter`` builds it (trainable flags from ``cfg.drafter``),
     but with random embeddings and head: timings and memory depend on shapes, not on values.
+    num_layers / parallel / embed_trainable override ``cfg.drafter`` for a method of its own
+    (EAGLE-3: ``MethodPlan.of(cfg, "eagle3")``'s layers, ``parallel=False``, frozen embeddings).
     """
     dc = cfg.drafter
     spec = DrafterSpec(
-        hidden_size=hidden_size, vocab_size=vocab_size, num_layers=dc.num_layers, num_heads=dc.num_heads,
+        hidden_size=hidden_size, vocab_size=vocab_size,
+        num_layers=dc.num_layers if num_layers is None else num_layers, num_heads=dc.num_heads,
         num_kv_heads=dc.num_kv_heads, head_dim=dc.head_dim or hidden_size // dc.num_heads,
         intermediate_size=dc.intermediate_size, mask_token_id=mask_token_id, aux_layer_ids=[0, 1, 2],
         rms_norm_eps=dc.rms_norm_eps, rope_theta=dc.rope_theta, max_position_embeddings=max_positions,
+        parallel=parallel,
     )
     # Initialise on the device itself: a paper-width drafter has ~2B parameters, slow to
     # initialise on the host and to copy over.
     with torch.device(device):
         drafter = build_drafter(spec, seed=seed)
     drafter = drafter.to(dtype=dtype)
-    drafter.embed_tokens.weight.requires_grad_(dc.embed_trainable)
+    drafter.embed_tokens.weight.requires_grad_(dc.embed_trainable if embed_trainable is None else embed_trainable)
     drafter.lm_head.weight.requires_grad_(dc.lm_head_trainable)
     head = drafter.lm_head.weight.detach().clone()  # stands in for the target's head
     return drafter, head

@@ -20,7 +20,7 @@ rule table2:
         provenance=TABLE2_PROVENANCE,
     params:
         config=CONFIG_ARGS,
-        settings=settings("seed", "scaling", "train", "drafter", "runtime"),
+        settings=settings("seed", "scaling", "train", "drafter", "methods", "runtime"),
         hidden_dir=lambda wildcards, input: os.path.dirname(input.hidden),
     log:
         f"{LOGS}/table2.log",
@@ -75,3 +75,28 @@ rule memory_scaling:
     shell:
         "python -m peagle memory-scaling {params.config} --out {output.table} --figure {output.figure[0]}"
         " > {log} 2>&1"
+
+
+# Paper Fig. 1: length distribution (prompt + response, target tokens) of the main target's
+# regenerated training data, with median/P90/P99 and the same numbers in a CSV.
+FIG1 = expand(f"{FIGURES_DIR}/fig1_lengths.{{ext}}", ext=["png", "pdf", "csv"])
+
+
+rule fig1:
+    input:
+        responses=for_target(RESPONSES, CFG.table1_target),
+    output:
+        fig=FIG1,
+    params:
+        config=CONFIG_ARGS,
+        settings=settings("table1.contexts"),
+        out=lambda wildcards, output: os.path.splitext(output.fig[0])[0],
+        name=CFG.table1_target,
+    log:
+        f"{LOGS}/fig1.log",
+    threads: 1
+    conda:
+        "../../envs/core.yaml"
+    shell:
+        "python -m peagle fig1 {params.config} --responses {input.responses} --out {params.out}"
+        " --target-name {params.name} > {log} 2>&1"
