@@ -4,6 +4,7 @@
 #   make tables          tiny profile end to end on this machine -> paper_tables/ (Tables 1 and 9,
 #                        drafting cost, comparison with the paper): the `all` rule
 #   make table1          only paper_tables/table1.csv
+#   make table10         the vLLM stage (needs .venv-vllm: envs/setup_vllm_cpu.sh): Table 10, cross-check
 #   make test            the test suite (slow workflow tests included)
 #   make dry-run-paper   plan the paper profile on SLURM without running anything
 #   make clean           remove the tiny profile's results, logs, benchmarks and .snakemake/
@@ -17,7 +18,7 @@ VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 SNAKEMAKE := $(VENV)/bin/snakemake
 
-.PHONY: setup tables table1 test dry-run-paper lint clean
+.PHONY: setup tables table1 table10 test dry-run-paper lint clean
 
 setup:
 	./setup.sh
@@ -27,6 +28,10 @@ tables: setup
 
 table1: setup
 	$(SNAKEMAKE) --cores all paper_tables/table1.csv
+
+table10: setup
+	envs/setup_vllm_cpu.sh
+	$(SNAKEMAKE) --cores all vllm_all
 
 test: setup
 	$(VENV)/bin/python -m pytest -q
