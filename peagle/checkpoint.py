@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from peagle.drafters import DrafterSpec, PEagleDrafter
-from peagle.io import atomic_dir
+from peagle.io import atomic_dir, read_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -77,12 +77,7 @@ def save_drafter(directory: str | Path, model: PEagleDrafter, meta: dict[str, An
 
 def read_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / CONFIG_NAME
-    try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no drafter config (is {directory} a drafter checkpoint directory?)") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    cfg = read_json(path, CheckpointError, f"no drafter config (is {directory} a drafter checkpoint directory?)")
     if "peagle" not in cfg or "spec" not in cfg["peagle"]:
         raise CheckpointError(f"{path}: missing the 'peagle.spec' block written by peagle's save_drafter")
     return cfg
@@ -146,12 +141,7 @@ def check_export(directory: str | Path) -> None:
 
     directory = Path(directory)
     path = directory / CONFIG_NAME
-    try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    cfg = read_json(path, CheckpointError)
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path}: not a JSON object")
     problems = []

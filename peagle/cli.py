@@ -358,24 +358,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")
     # The vLLM stage runs with the vLLM environment's python and the repo on PYTHONPATH (peagle is not
     # installed there): PYTHONPATH=$REPO $VLLM_PY -m peagle vllm-eval ... (see peagle/vllm_bench.py).
-    sp = add("vllm-eval", cmd_vllm_eval, "acceptance length in vLLM's offline engine, checked lossless and "
-             "parallel; without --drafter: the no-speculation baseline")
-    sp.add_argument("--target", required=True, help="target.json")
-    sp.add_argument("--drafter", help="a drafter checkpoint dir, or a training run dir (summary.json + final/)")
-    sp.add_argument("--prompts", required=True, help="evaluation prompts (eval_*.jsonl)")
-    sp.add_argument("--k", type=int, help="speculation depth (required with --drafter)")
+    def add_vllm(name, fn, help_):
+        sp = add(name, fn, help_)
+        sp.add_argument("--target", required=True, help="target.json")
+        sp.add_argument("--drafter", help="a drafter checkpoint dir or a training run dir (summary.json + final/); "
+                        "omit for no speculation")
+        sp.add_argument("--prompts", required=True, help="evaluation prompts (eval_*.jsonl)")
+        sp.add_argument("--k", type=int, help="speculation depth (required with --drafter)")
+        sp.add_argument("--work-dir", help="keep vLLM's requests, results and logs here (default: a temp dir)")
+        sp.add_argument("--out", required=True)
+        return sp
+
+    sp = add_vllm("vllm-eval", cmd_vllm_eval, "acceptance length in vLLM's offline engine, checked lossless and "
+                  "parallel; without --drafter: the no-speculation baseline")
     sp.add_argument("--baseline", help="a baseline JSON from `vllm-eval` without --drafter (else run here)")
     sp.add_argument("--engine-result", help="the evaluate stage's JSON for the same cell: cross-check the ALs")
-    sp.add_argument("--work-dir", help="keep vLLM's requests, results and logs here (default: a temp dir)")
-    sp.add_argument("--out", required=True)
-    sp = add("vllm-throughput", cmd_vllm_throughput, "vLLM serving benchmark at vllm.concurrency levels: "
+    add_vllm("vllm-throughput", cmd_vllm_throughput, "vLLM serving benchmark at vllm.concurrency levels: "
              "output tokens/s, TPOT, AL (Table 10)")
-    sp.add_argument("--target", required=True, help="target.json")
-    sp.add_argument("--drafter", help="drafter checkpoint or run dir (omit: no speculation)")
-    sp.add_argument("--prompts", required=True, help="evaluation prompts (eval_*.jsonl)")
-    sp.add_argument("--k", type=int, help="speculation depth (required with --drafter)")
-    sp.add_argument("--work-dir", help="keep the server log and benchmark JSONs here (default: a temp dir)")
-    sp.add_argument("--out", required=True)
     sp = sub.add_parser("vllm-crosscheck", help="engine vs vLLM acceptance length of vllm-eval results, one table")
     sp.set_defaults(fn=cmd_vllm_crosscheck)
     sp.add_argument("--results", nargs="+", required=True, help="vllm-eval JSONs (run with --engine-result)")

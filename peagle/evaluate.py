@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any, Callable
 import torch
 
 from peagle.config import Config
+from peagle.io import read_json
 
 
 class EvaluationError(ValueError):
@@ -39,10 +39,7 @@ def training_outcome(drafter_dir: Path) -> tuple[Path, dict[str, Any] | None]:
     summary_path = drafter_dir / "summary.json"
     if not summary_path.exists():
         return drafter_dir, None
-    try:
-        summary = json.loads(summary_path.read_text())
-    except json.JSONDecodeError as err:
-        raise EvaluationError(f"{summary_path}: not valid JSON ({err}); re-run the train rule") from None
+    summary = read_json(summary_path, EvaluationError, fix="re-run the train rule")
     if summary.get("status", "ok") == "ok" and not (drafter_dir / "final" / "config.json").exists():
         raise EvaluationError(f"{summary_path} says the run finished, but {drafter_dir / 'final'} is missing; "
                               "re-run the train rule")

@@ -92,6 +92,19 @@ def atomic_write_json(
     return atomic_write_text(dest, text + "\n")
 
 
+def read_json(path: str | os.PathLike[str], error: type[Exception] = ValueError, missing: str = "missing",
+              fix: str = "") -> Any:
+    """Parse a JSON file; a missing or malformed file raises ``error`` naming the file (and ``fix``)."""
+    path = Path(path)
+    tail = f"; {fix}" if fix else ""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: {missing}{tail}") from None
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: not valid JSON ({err}){tail}") from None
+
+
 def sha256_bytes(data: bytes) -> str:
     """Hex SHA-256 of ``data``."""
     return hashlib.sha256(data).hexdigest()

@@ -85,8 +85,8 @@ class Proposer(Protocol):
         """Draft ``k`` tokens after ``tokens``; ``aux`` [len(tokens) - 1, 3H] holds g_0..g_{n-1}."""
 
 
-class PEagleProposer:
-    """One drafter forward per round: new real rows, then K-1 mask slots (DESIGN §2)."""
+class _CachedProposer:
+    """A drafter in eval mode with its own KV cache of the committed (real) rows."""
 
     def __init__(self, drafter: PEagleDrafter) -> None:
         self.drafter = drafter.eval()
@@ -96,6 +96,10 @@ class PEagleProposer:
 
     def reset(self) -> None:
         self.cache = KVCache(len(self.drafter.layers))
+
+
+class PEagleProposer(_CachedProposer):
+    """One drafter forward per round: new real rows, then K-1 mask slots (DESIGN §2)."""
 
     @torch.no_grad()
     def propose(self, tokens: list[int], aux: torch.Tensor, k: int) -> list[int]:
@@ -116,7 +120,7 @@ class PEagleProposer:
         return logits[n_new - 1:].argmax(-1).tolist()
 
 
-class Eagle3Proposer:
+class Eagle3Proposer(_CachedProposer):
     """EAGLE-3 chain drafting (DESIGN §5): K drafter forwards per round.
 
     One forward over the new real rows (kept in the drafter's KV cache) gives draft 1 at the last
@@ -125,15 +129,6 @@ class Eagle3Proposer:
     attending to the cache (real rows + the chain's earlier drafts). The drafts are then cropped
     from the cache. This is the training-time test's attention rule (:mod:`peagle.eagle3`).
     """
-
-    def __init__(self, drafter: PEagleDrafter) -> None:
-        self.drafter = drafter.eval()
-        self.device = next(drafter.parameters()).device
-        self.dtype = next(drafter.parameters()).dtype
-        self.reset()
-
-    def reset(self) -> None:
-        self.cache = KVCache(len(self.drafter.layers))
 
     @torch.no_grad()
     def draft_logits(self, tokens: list[int], aux: torch.Tensor, k: int,

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from peagle.checkpoint import CONFIG_NAME, MASK_TOKEN_KEYS, WEIGHTS_NAME, check_export
-from peagle.io import atomic_write_json
+from peagle.io import atomic_write_json, read_json
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -117,12 +117,7 @@ class VllmSettings:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ServingError(f"{path}: missing") from None
-    except json.JSONDecodeError as err:
-        raise ServingError(f"{path}: not valid JSON ({err})") from None
+    return read_json(path, ServingError)
 
 
 def is_parallel(drafter_cfg: dict[str, Any]) -> bool:
