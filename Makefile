@@ -6,6 +6,8 @@
 #   make table1          only paper_tables/table1.csv
 #   make table10         the vLLM stage (needs .venv-vllm: envs/setup_vllm_cpu.sh): Table 10, cross-check
 #   make test            the test suite (slow workflow tests included)
+#   make report          report.html: every table and figure of the last run (snakemake --report)
+#   make record          keep the last run's tables as the recorded baselines (results/recorded/tiny/)
 #   make dry-run-paper   plan the paper profile on SLURM without running anything
 #   make clean           remove the tiny profile's results, logs, benchmarks and .snakemake/
 
@@ -18,7 +20,7 @@ VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 SNAKEMAKE := $(VENV)/bin/snakemake
 
-.PHONY: setup tables table1 table10 test dry-run-paper lint clean
+.PHONY: setup tables table1 table10 test report record dry-run-paper lint clean
 
 setup:
 	./setup.sh
@@ -36,12 +38,18 @@ table10: setup
 test: setup
 	$(VENV)/bin/python -m pytest -q
 
+report: setup
+	$(SNAKEMAKE) --report report.html
+
+record: setup
+	$(VENV)/bin/python -m peagle record --config config/tiny.yaml
+
 dry-run-paper: setup
 	$(SNAKEMAKE) -n --profile profiles/slurm --configfile config/paper.yaml
 
 lint: setup
 	$(SNAKEMAKE) --lint
 
-# Only the tiny profile's outputs; results/paper and paper_tables/ are kept.
+# The tiny profile's outputs (results, logs, benchmarks, tables); results/recorded/ is kept.
 clean:
-	rm -rf results/tiny logs/tiny benchmarks/tiny .snakemake
+	rm -rf results/tiny paper_tables report.html .snakemake

@@ -25,6 +25,9 @@ min_version("9.19")
 configfile: "config/tiny.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 # Before the includes: global constraints apply to the rules defined after them.
 wildcard_constraints:
     method=r"[a-z0-9]+",
@@ -43,6 +46,7 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/scaling.smk"
 include: "workflow/rules/vllm.smk"
+include: "workflow/rules/compare.smk"
 
 
 localrules:
@@ -65,3 +69,6 @@ rule all:
         TABLE9_PROVENANCE,
         DRAFTING_COST_CSV,
         COMPARISON,
+        f"{FIG1}.png",
+        f"{FIG3}.png",
+        f"{FIG4}.png",

@@ -5,10 +5,16 @@ A checkpoint directory holds ``config.json`` (vLLM's ``LlamaForCausalLMEagle3`` 
 ``model.safetensors`` with vLLM's parameter names (no ``model.`` prefix). Training checkpoints
 add ``trainer_state.pt``. Directories are written under a temporary name and renamed into place,
 so a killed run never leaves a half-written checkpoint that looks complete.
+
+``save_drafter`` records checksums of the weights in the ``peagle`` block (``weights_sha256``: the
+file; ``tensors_sha256``: names, dtypes, shapes and bytes of the tensors, so that a re-serialised
+copy with the same weights still verifies); ``load_drafter`` and ``check_export`` verify them.
+``read_config``/``load_drafter`` also read the *speculators* format (:mod:`peagle.speculators`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from peagle.drafters import DrafterSpec, PEagleDrafter
-from peagle.io import atomic_dir, read_json
+from peagle.io import atomic_dir, read_json, sha256_file
+from peagle.speculators import is_speculators_config, spec_from_speculators, state_dict_from_speculators
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -69,36 +76,96 @@ def save_drafter(directory: str | Path, model: PEagleDrafter, meta: dict[str, An
     with atomic_dir(final) as tmp:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        meta = {**meta, "weights_sha256": sha256_file(tmp / WEIGHTS_NAME), "tensors_sha256": tensors_digest(tensors)}
         (tmp / CONFIG_NAME).write_text(json.dumps(vllm_config(model.spec, meta), indent=2) + "\n")
         if trainer_state is not None:
             torch.save(trainer_state, tmp / STATE_NAME)
     return final
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the tensors' names (``midlayer.*`` read as ``layers.0.*``), dtypes, shapes and bytes."""
+    canon = {(n.replace("midlayer.", "layers.0.", 1) if n.startswith("midlayer.") else n): n for n in tensors}
+    h = hashlib.sha256()
+    for name in sorted(canon):
+        t = tensors[canon[name]].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise CheckpointError(f"{path}: weights file missing")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{path}: unreadable ({err})") from None
+
+
+def verify_weights(directory: str | Path, cfg: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Check model.safetensors against the checksums save_drafter recorded (nothing to do without them).
+
+    The file's sha256 is tried first; a file whose bytes differ but whose tensors are the same
+    (re-serialised, ``midlayer.*`` names) still passes on ``tensors_sha256``.
+    """
+    block = cfg.get("peagle") if isinstance(cfg.get("peagle"), dict) else {}
+    want = block.get("weights_sha256")
+    if not want:
+        return
+    path = Path(directory) / WEIGHTS_NAME
+    got = sha256_file(path)
+    if got == want:
+        return
+    want_tensors = block.get("tensors_sha256")
+    if want_tensors and tensors_digest(tensors if tensors is not None else _load_weights(path)) == want_tensors:
+        return
+    raise CheckpointError(f"{path}: sha256 {got[:16]}... does not match peagle.weights_sha256 {want[:16]}... "
+                          f"recorded in {Path(directory) / CONFIG_NAME}: the weights are corrupt or were "
+                          f"changed after export; copy or export the drafter again")
+
+
 def read_config(directory: str | Path) -> dict[str, Any]:
+    """config.json in this suite's view: a peagle checkpoint's as written; a speculators one converted
+    (:func:`vllm_config` of its spec, ``peagle.format`` "speculators"; the file itself is unchanged)."""
     path = Path(directory) / CONFIG_NAME
     cfg = read_json(path, CheckpointError, f"no drafter config (is {directory} a drafter checkpoint directory?)")
-    if "peagle" not in cfg or "spec" not in cfg["peagle"]:
-        raise CheckpointError(f"{path}: missing the 'peagle.spec' block written by peagle's save_drafter")
+    if is_speculators_config(cfg):
+        spec, meta = spec_from_speculators(cfg, path)
+        return vllm_config(spec, meta)
+    if not isinstance(cfg, dict) or "peagle" not in cfg or "spec" not in cfg["peagle"]:
+        raise CheckpointError(f"{path}: missing the 'peagle.spec' block written by peagle's save_drafter, and no "
+                              f"'speculators_model_type' (the speculators format): not a drafter checkpoint "
+                              f"this suite reads")
     return cfg
+
+
+def drafter_format(cfg: dict[str, Any]) -> str:
+    """``peagle`` or ``speculators``, for a config returned by :func:`read_config`."""
+    return cfg["peagle"].get("format", "peagle")
 
 
 def load_drafter(directory: str | Path, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> tuple[PEagleDrafter, dict[str, Any]]:
-    """Rebuild a drafter from a checkpoint directory; returns (model, config.json contents)."""
+    """Rebuild a drafter from a checkpoint directory (either format); returns (model, read_config)."""
     directory = Path(directory)
     cfg = read_config(directory)
     spec = DrafterSpec(**cfg["peagle"]["spec"])
-    model = PEagleDrafter(spec)
     path = directory / WEIGHTS_NAME
-    if not path.exists():
-        raise CheckpointError(f"{path}: weights file missing")
-    state = load_file(str(path))
+    state = _load_weights(path)
+    if drafter_format(cfg) == "speculators":
+        state = state_dict_from_speculators(state, spec, path)
+    else:
+        verify_weights(directory, cfg, state)
+    model = PEagleDrafter(spec)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise CheckpointError(f"{path}: tensors do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: tensor shapes do not match the config ({err})") from None
     return model.to(device=device, dtype=dtype).eval(), cfg
 
 
@@ -135,7 +202,8 @@ def check_export(directory: str | Path) -> None:
     model.safetensors: exactly the tensor names vLLM maps (``midlayer.*`` accepted for layer 0;
     ``d2t`` [draft_vocab] required when the draft vocabulary is smaller, ``t2d`` optional) with
     shapes consistent with the config and floating dtypes; ``mask_hidden`` [1, 1, 3H] present
-    iff parallel. Raises :class:`CheckpointError` naming the file and every problem found there.
+    iff parallel; then the recorded weight checksums (:func:`verify_weights`). Raises
+    :class:`CheckpointError` naming the file and every problem found there.
     """
     from safetensors import safe_open
 
@@ -214,6 +282,7 @@ def check_export(directory: str | Path) -> None:
             problems.append(f"{name} has dtype {dtype}, expected a floating type")
     if problems:
         raise CheckpointError(f"{path}: " + "; ".join(problems))
+    verify_weights(directory, cfg)
 
 
 def load_trainer_state(directory: str | Path) -> dict[str, Any]:

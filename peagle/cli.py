@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 
 
+DEFAULT_PROFILE = "config/tiny.yaml"
+
+
 def _log(msg: str) -> None:
     print(f"[peagle {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -53,46 +56,42 @@ def cmd_target(args) -> None:
     tc = cfg.target_named(args.name) if args.name else cfg.target
     out = Path(args.out_dir)
     if tc.kind == "hf":
-        from peagle.target import resolve_hf_target
+        from peagle.target import DEFAULT_CHAT_DATE, check_hf_target, resolve_hf_target
 
+        # Settings checked against the model's config where it can be read (cache/network)
+        # before anything long runs: attention implementation, aux ids, the device plan.
+        check_hf_target(tc, dtype=cfg.runtime.dtype, log=_log)
         resolve_hf_target(tc.path, out / "target.json", num_layers=tc.num_layers, hidden_size=tc.hidden_size,
                           vocab_size=tc.vocab_size, aux_layer_ids=tc.aux_layer_ids,
-                          mask_token_id=tc.mask_token_id, name=tc.name,
-                          max_position_embeddings=tc.max_position_embeddings)
+                          mask_token_id=tc.mask_token_id, eos_token_id=tc.eos_token_id, name=tc.name,
+                          max_position_embeddings=tc.max_position_embeddings, architecture=tc.architecture,
+                          attn_implementation=tc.attn_implementation, num_devices=tc.num_devices,
+                          max_memory_gib=tc.max_memory_gib, chat_template_date=DEFAULT_CHAT_DATE)
         _log(f"target {tc.path} recorded in {out / 'target.json'}")
         return
     _threads(cfg)
     from peagle.data.schema import read_prompts
-    from peagle.target import (TinyTargetConfig, build_tiny_target, count_parameters, eos_token_ids,
-                               pretrain_tiny_target, train_tokenizer, write_target_json)
+    from peagle.target import TinyTargetConfig, make_tiny_target
 
     data = Path(args.data_dir)
     train = read_prompts(data / "train.jsonl")
     heldout = [r for s in cfg.eval.sets for r in read_prompts(data / f"eval_{s}.jsonl")]
-    texts = [t for r in train for t in (*r.turns, r.reference or "")]
-    tok = train_tokenizer(texts, tc.pretrain.tokenizer_vocab_size)
-    if len(tok) != tc.vocab_size:
-        _log(f"note: tokenizer has {len(tok)} entries; the model's vocabulary is target.vocab_size={tc.vocab_size}")
     arch = TinyTargetConfig(architecture=tc.architecture, hidden_size=tc.hidden_size, num_layers=tc.num_layers,
                             num_heads=tc.num_heads, num_kv_heads=tc.num_kv_heads,
                             intermediate_size=tc.intermediate_size,
                             max_position_embeddings=tc.max_position_embeddings, seed=cfg.seed,
                             num_experts=tc.num_experts, num_experts_per_tok=tc.num_experts_per_tok,
-                            moe_intermediate_size=tc.moe_intermediate_size)
-    model = build_tiny_target(arch, tok)
-    _log(f"tiny target: {count_parameters(model) / 1e6:.2f}M parameters, pretraining {tc.pretrain.steps} steps")
+                            moe_intermediate_size=tc.moe_intermediate_size, sliding_window=tc.sliding_window)
     p = tc.pretrain
-    metrics = pretrain_tiny_target(model, tok, train, heldout, steps=p.steps, seq_len=p.seq_len,
-                                   batch_size=p.batch_size, lr=p.lr, warmup=p.warmup_steps, seed=cfg.seed,
-                                   out_dir=out, log=out / "pretrain_log.jsonl", num_threads=cfg.runtime.threads)
-    write_target_json(out / "target.json", path=str(out / "model"), kind="tiny", num_layers=tc.num_layers,
-                      hidden_size=tc.hidden_size, vocab_size=model.get_output_embeddings().weight.shape[0],
-                      aux_layer_ids=tc.aux_layer_ids, mask_token_id=tok.mask_token_id,
-                      eos_token_id=eos_token_ids(model, tok),
-                      heldout_next_token_accuracy=metrics["heldout_next_token_accuracy"], name=tc.name,
-                      architecture=tc.architecture, max_position_embeddings=tc.max_position_embeddings,
-                      pretrain=metrics)
-    _log(f"held-out next-token accuracy {metrics['heldout_next_token_accuracy']:.4f}")
+    _log(f"tiny target {tc.name} ({tc.architecture}): pretraining {p.steps} steps")
+    info = make_tiny_target(out, train, heldout, arch, vocab_size=p.tokenizer_vocab_size, steps=p.steps,
+                            seq_len=p.seq_len, batch_size=p.batch_size, lr=p.lr, warmup=p.warmup_steps,
+                            seed=cfg.seed, aux_layer_ids=tc.aux_layer_ids, name=tc.name,
+                            num_threads=cfg.runtime.threads)
+    if info["vocab_size"] != tc.vocab_size:
+        _log(f"note: tokenizer has {info['vocab_size']} entries; the model's vocabulary is target.vocab_size={tc.vocab_size}")
+    _log(f"tiny target: {info['num_parameters'] / 1e6:.2f}M parameters; "
+         f"held-out next-token accuracy {info['heldout_next_token_accuracy']:.4f}")
 
 
 def cmd_respond(args) -> None:
@@ -253,19 +252,49 @@ def cmd_vllm_crosscheck(args) -> None:
 
 def cmd_compare(args) -> None:
     from peagle.compare import compare_tables
+    from peagle.config import load_config
     from peagle.io import atomic_write_text
+    from peagle.record import recorded_dir
 
-    text = compare_tables(args.tables_dir)
+    cfg = load_config(*(args.config or [DEFAULT_PROFILE]))
+    tables_dir = args.tables_dir or recorded_dir(cfg.profile)
+    text = compare_tables(tables_dir, current_digest=cfg.digest())
     print(text, end="")
     if args.out:
         atomic_write_text(args.out, text)
         _log(f"comparison written to {args.out}")
 
 
+def cmd_record(args) -> None:
+    from peagle.config import load_config
+    from peagle.record import record_run, recorded_dir
+
+    files = args.config or [DEFAULT_PROFILE]
+    cfg = load_config(*files)
+    out = args.out or recorded_dir(cfg.profile)
+    manifest = record_run(cfg, args.tables_dir or cfg.tables_path,
+                          args.benchmarks_dir or f"{cfg.results_dir.rstrip('/')}/benchmarks", out, files,
+                          wall_s=args.wall_s)
+    _log(f"recorded {len(manifest['files'])} files of profile {cfg.profile} (commit {manifest['commit']}, "
+         f"config digest {manifest['config_digest']}) in {out}")
+
+
+def cmd_compare_drafter(args) -> None:
+    cfg = _config(args)
+    _threads(cfg)
+    from peagle.drafter_compare import compare_drafter
+
+    out = compare_drafter(cfg, args.drafter, args.target, args.data_dir, args.recorded, args.out, name=args.name,
+                          k=args.k, vllm=args.vllm, config_files=args.config, progress=not args.no_progress, log=_log)
+    for note in out["notes"]:
+        _log(f"note: {note}")
+    _log(f"report written to {out['paths']['md']} (+ {out['paths']['csv']}, {out['paths']['png']})")
+
+
 def cmd_concat_csv(args) -> None:
     from peagle.tables import concat_csv
 
-    df = concat_csv(args.inputs, args.out)
+    df = concat_csv(args.inputs, args.out, table=args.table)
     _log(f"{len(df)} rows from {len(args.inputs)} files written to {args.out}")
 
 
@@ -379,13 +408,38 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_vllm_crosscheck)
     sp.add_argument("--results", nargs="+", required=True, help="vllm-eval JSONs (run with --engine-result)")
     sp.add_argument("--out", required=True, help="CSV (provenance sidecar written beside it)")
-    sp = sub.add_parser("compare", help="regenerated tables beside the paper's numbers, with verdicts")
+    sp = sub.add_parser("compare", help="tables beside the paper's numbers, with verdicts and staleness "
+                        "(default: the profile's recorded baselines)")
     sp.set_defaults(fn=cmd_compare)
-    sp.add_argument("--tables-dir", default="paper_tables")
+    sp.add_argument("--config", action="append",
+                    help=f"profile YAML (+ overlays) whose digest decides what is stale (default {DEFAULT_PROFILE})")
+    sp.add_argument("--tables-dir", help="tables to compare (default: results/recorded/<profile>)")
     sp.add_argument("--out", help="also write the report here")
+    sp = add("compare-drafter", cmd_compare_drafter,
+             "your own EAGLE-3/P-EAGLE drafter (this suite's or the speculators format) vs the recorded baselines")
+    sp.add_argument("--drafter", required=True, help="drafter checkpoint dir (or a training run dir)")
+    sp.add_argument("--target", required=True, help="the target's target.json")
+    sp.add_argument("--data-dir", required=True, help="the data stage's directory (eval_*.jsonl)")
+    sp.add_argument("--recorded", required=True, help="recorded baselines (`peagle record`), e.g. results/recorded/tiny")
+    sp.add_argument("--out", required=True, help="OUT.md; OUT.csv and OUT_al_vs_k.png are written beside it")
+    sp.add_argument("--name", help="the drafter's name in the report (default: its directory name)")
+    sp.add_argument("--k", type=int, help="Table 9 comparison depth (default: table9.k)")
+    sp.add_argument("--vllm", action=argparse.BooleanOptionalAction, default=None,
+                    help="also evaluate in vLLM (default: when vllm.python exists)")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sp = sub.add_parser("record", help="keep a finished run's tables as the profile's recorded baselines "
+                        "(results/recorded/<profile>/, with a manifest)")
+    sp.set_defaults(fn=cmd_record)
+    sp.add_argument("--config", action="append",
+                    help=f"the profile YAML (+ overlays) the run used (default {DEFAULT_PROFILE})")
+    sp.add_argument("--tables-dir", help="the run's tables (default: the profile's tables directory)")
+    sp.add_argument("--benchmarks-dir", help="the run's Snakemake benchmarks (default: <results_dir>/benchmarks)")
+    sp.add_argument("--out", help="default: results/recorded/<profile>")
+    sp.add_argument("--wall-s", type=float, help="the run's measured wall time (recorded in the manifest)")
     sp = sub.add_parser("concat-csv", help="stack CSVs with the same columns (e.g. drafting cost per target)")
     sp.set_defaults(fn=cmd_concat_csv)
     sp.add_argument("inputs", nargs="+")
+    sp.add_argument("--table", help="the table's name in its provenance (default: the output's stem)")
     sp.add_argument("--out", required=True)
     return p
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from peagle.provenance import read_provenance, sidecar
 from peagle.tables import paper_numbers
 
 FAILED = ("OOM", "infeasible")
@@ -526,12 +527,49 @@ def compare_table10(df: pd.DataFrame) -> list[str]:
 # --------------------------------------------------------------------------- driver
 
 
-def compare_tables(tables_dir: str | Path = "paper_tables") -> str:
-    """The comparison report (plain text, Markdown tables when ``tabulate`` is installed)."""
+def provenance_line(path: Path, current_digest: str | None) -> str:
+    """Which run made the table at ``path``, and whether it still describes the profile in effect.
+
+    Stale: its config digest differs from ``current_digest`` (a setting changed since, or the
+    table predates digests). Unknown when no digest is given.
+    """
+    try:
+        prov = read_provenance(path)
+    except ValueError as err:
+        return f"Provenance: unreadable ({err})."
+    if prov is None:
+        return f"Provenance: none ({sidecar(path).name} missing)."
+    digest, commit = prov.get("config_digest"), prov.get("commit") or "unknown commit"
+    made = f"made at commit {str(commit)[:12]}" + (f" on {prov['created']}" if prov.get("created") else "")
+    if current_digest is None:
+        return f"Provenance: {made}, config digest {digest or 'not recorded'}."
+    if digest is None:
+        return f"Provenance: {made}, no config digest recorded -> STALE (predates digests; regenerate it)."
+    if digest != current_digest:
+        return (f"Provenance: {made}, config digest {digest} -> STALE (the profile's settings now digest to "
+                f"{current_digest}; regenerate it)")
+    return f"Provenance: {made}, config digest {digest} -> current."
+
+
+def compare_tables(tables_dir: str | Path = "paper_tables", current_digest: str | None = None) -> str:
+    """The comparison report (plain text, Markdown tables when ``tabulate`` is installed).
+
+    ``current_digest``: the config digest of the profile in effect; each table is then marked
+    current or stale (see :func:`provenance_line`).
+    """
     tables_dir = Path(tables_dir)
     out = ["# Regenerated tables vs the paper (arXiv 2602.01469)", "",
            f"Tables directory: {tables_dir}. Paper numbers: peagle/resources/paper_numbers.csv. "
            "Only the qualitative shape is expected to agree.", ""]
+    manifest = tables_dir / "manifest.json"
+    if manifest.exists():
+        try:
+            m = json.loads(manifest.read_text())
+            out += [f"Recorded run: profile {m.get('profile')}, commit {str(m.get('commit'))[:12]}, config digest "
+                    f"{m.get('config_digest')}, recorded {m.get('recorded_at')}, on {_machine(m.get('machine'))}; "
+                    f"wall time {_fmt(m.get('wall_time_s'), 0)} s.", ""]
+        except (json.JSONDecodeError, AttributeError):
+            out += [f"{manifest}: unreadable; ignored.", ""]
     for name in TABLES:
         path = tables_dir / f"{name}.csv"
         if not path.exists():
@@ -543,23 +581,30 @@ def compare_tables(tables_dir: str | Path = "paper_tables") -> str:
                 out += [f"## {name}: {path} has no rows; skipped.", ""]
                 continue
             if name == "table1":
-                prov_path = path.with_suffix(".provenance.json")
-                prov = None
-                if prov_path.exists():
-                    try:
-                        prov = json.loads(prov_path.read_text())
-                    except json.JSONDecodeError:
-                        prov = None
-                out += compare_table1(df, prov)
+                try:
+                    prov = read_provenance(path)
+                except ValueError:
+                    prov = None
+                section = compare_table1(df, prov)
             elif name == "table2":
-                out += compare_table2(df)
+                section = compare_table2(df)
             elif name == "table9":
-                out += compare_table9(df)
+                section = compare_table9(df)
             elif name == "table10":
-                out += compare_table10(df)
+                section = compare_table10(df)
             else:
-                out += compare_drafting_cost(df)
+                section = compare_drafting_cost(df)
+            out += section[:2] + [provenance_line(path, current_digest), ""] + section[2:]
         except Exception as err:  # a malformed table is reported, never fatal
             out.append(f"## {name}: could not be compared ({type(err).__name__}: {err})")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
+
+
+def _machine(info: Any) -> str:
+    if not isinstance(info, dict):
+        return "an unrecorded machine"
+    parts = [f"{info.get('cpus')} CPUs" if info.get("cpus") else None,
+             f"{info['memory_gib']} GiB" if info.get("memory_gib") else None, info.get("gpu"),
+             f"torch {info['torch']}" if info.get("torch") else None]
+    return ", ".join(p for p in parts if p) or "an unrecorded machine"

@@ -19,12 +19,32 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A configuration file or override is invalid."""
+    """A configuration file or override is invalid.
+
+    ``key`` is the dotted key the error is about (``train.epoch``, ``extra_targets[0].num_heads``),
+    None when it concerns no one key (a missing required key). ``involves`` lists the other keys a
+    cross-field check read. :func:`load_config` uses them to name the one file that sets them.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, involves: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.key = key
+        self.involves = tuple(involves)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The key first, then the involved ones."""
+        return ((self.key,) if self.key else ()) + self.involves
 
 
-def _check(cond: bool, key: str, msg: str) -> None:
+def _check(cond: bool, key: str, msg: str, *, involves: tuple[str, ...] = ()) -> None:
+    """Raise ``ConfigError("key: msg")`` unless ``cond``; ``involves``: other keys the check compares."""
     if not cond:
-        raise ConfigError(f"{key}: {msg}")
+        raise ConfigError(f"{key}: {msg}", key=key, involves=involves)
+
+
+# Devices the stages accept (torch.device strings); anything else fails deep inside torch.
+_DEVICE_RE = re.compile(r"cpu|cuda(:[0-9]+)?|mps")
 
 
 @dataclass(frozen=True)
@@ -34,6 +54,8 @@ class RuntimeConfig:
     threads: int = 2
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.device, str) and _DEVICE_RE.fullmatch(self.device) is not None, "runtime.device",
+               f"{self.device!r} is not a supported device; use cpu, cuda or cuda:N (N: a GPU index), or mps")
         _check(self.threads >= 1, "runtime.threads", "must be >= 1")
 
 
@@ -66,9 +88,10 @@ class PretrainConfig:
     tokenizer_vocab_size: int = 2048
 
     def __post_init__(self) -> None:
-        _check(self.steps >= 1, "target.pretrain.steps", "must be >= 1")
-        _check(self.seq_len >= 8, "target.pretrain.seq_len", "must be >= 8")
-        _check(self.lr > 0, "target.pretrain.lr", "must be > 0")
+        # "*." keys: built under target.pretrain or extra_targets[i].pretrain (see _build).
+        _check(self.steps >= 1, "*.steps", "must be >= 1")
+        _check(self.seq_len >= 8, "*.seq_len", "must be >= 8")
+        _check(self.lr > 0, "*.lr", "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -92,23 +115,44 @@ class TargetConfig:
     num_experts: int = 8
     num_experts_per_tok: int = 2
     moe_intermediate_size: int = 256
+    # gpt_oss only: window of the sliding-attention layers (even layers; 128 in the real models).
+    sliding_window: int = 128
+    # Loading: "auto" = the architecture's own (eager for gpt_oss, which has no SDPA; sdpa otherwise).
+    attn_implementation: str = "auto"
+    # Sharding (kind: hf): weights over num_devices GPUs of max_memory_gib each (None: one device,
+    # no plan). Checked before any job: a target that does not fit is an error naming these keys.
+    num_devices: int = 1
+    max_memory_gib: float | None = None
+    # The generation config's end ids (kind: hf; None: read from the model's generation_config.json).
+    eos_token_id: list[int] | None = None
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def __post_init__(self) -> None:
         if self.kind == "hf":
-            _check(bool(self.path), "*.path", "a Hugging Face id or local dir is required for kind: hf")
+            _check(bool(self.path), "*.path", "a Hugging Face id or local dir is required for kind: hf",
+                   involves=("*.kind",))
         else:
-            _check(self.architecture in ("llama", "qwen3_moe"), "*.architecture",
-                   f"{self.architecture!r}: tiny targets are built as llama or qwen3_moe")
+            _check(self.architecture in ("llama", "qwen3_moe", "gpt_oss"), "*.architecture",
+                   f"{self.architecture!r}: tiny targets are built as llama, qwen3_moe or gpt_oss")
+            _check(self.sliding_window >= 2, "*.sliding_window", f"must be >= 2, got {self.sliding_window}")
             _check(1 <= self.num_experts_per_tok <= self.num_experts, "*.num_experts_per_tok",
-                   "must be in [1, num_experts]")
+                   "must be in [1, num_experts]", involves=("*.num_experts",))
             _check(self.moe_intermediate_size >= 1, "*.moe_intermediate_size", "must be >= 1")
-        _check(self.hidden_size % self.num_heads == 0, "*.hidden_size", "must be divisible by target.num_heads")
+        # Counts first: the divisibility checks below would divide by zero.
+        _check(self.num_heads >= 1, "*.num_heads", f"must be >= 1 (attention heads), got {self.num_heads}")
+        _check(self.num_kv_heads >= 1, "*.num_kv_heads", f"must be >= 1 (key/value heads), got {self.num_kv_heads}")
+        _check(self.hidden_size % self.num_heads == 0, "*.hidden_size", "must be divisible by target.num_heads",
+               involves=("*.num_heads",))
+        _check(self.num_heads % self.num_kv_heads == 0, "*.num_kv_heads",
+               f"must divide num_heads ({self.num_heads}); got {self.num_kv_heads}", involves=("*.num_heads",))
+        _check(self.num_devices >= 1, "*.num_devices", f"must be >= 1, got {self.num_devices}")
+        _check(self.max_memory_gib is None or self.max_memory_gib > 0, "*.max_memory_gib",
+               f"must be > 0 (GiB per device) or null, got {self.max_memory_gib}")
         if self.aux_layer_ids is not None:
             ids = self.aux_layer_ids
             _check(len(ids) == 3 and len(set(ids)) == 3, "*.aux_layer_ids", f"need three distinct ids, got {ids}")
             _check(all(0 <= i < self.num_layers for i in ids), "*.aux_layer_ids",
-                   f"ids must lie in [0, {self.num_layers}), got {ids}")
+                   f"ids must lie in [0, {self.num_layers}), got {ids}", involves=("*.num_layers",))
 
 
 @dataclass(frozen=True)
@@ -121,6 +165,8 @@ class RespondConfig:
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1, "respond.max_new_tokens", "must be >= 1")
+        _check(self.n_prompts is None or self.n_prompts >= 1, "respond.n_prompts",
+               f"must be >= 1, or null for every training prompt; got {self.n_prompts}")
 
 
 @dataclass(frozen=True)
@@ -147,7 +193,12 @@ class DrafterConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_layers >= 1, "drafter.num_layers", "must be >= 1")
-        _check(self.num_heads % self.num_kv_heads == 0, "drafter.num_kv_heads", "must divide drafter.num_heads")
+        # Counts first: the divisibility check below would divide by zero.
+        _check(self.num_heads >= 1, "drafter.num_heads", f"must be >= 1 (attention heads), got {self.num_heads}")
+        _check(self.num_kv_heads >= 1, "drafter.num_kv_heads",
+               f"must be >= 1 (key/value heads), got {self.num_kv_heads}")
+        _check(self.num_heads % self.num_kv_heads == 0, "drafter.num_kv_heads", "must divide drafter.num_heads",
+               involves=("drafter.num_heads",))
 
 
 @dataclass(frozen=True)
@@ -234,7 +285,8 @@ class MethodConfig:
         _check(0 < self.ttt_decay <= 1, "*.ttt_decay", "must be in (0, 1]")
         if not self.parallel:
             _check(self.cod and self.mask_strategy is None and self.partitions is None, "*.parallel",
-                   "an autoregressive (parallel: false) method takes no cod/mask_strategy/partitions")
+                   "an autoregressive (parallel: false) method takes no cod/mask_strategy/partitions",
+                   involves=("*.cod", "*.mask_strategy", "*.partitions"))
 
 
 # The four drafter families of the paper's comparisons; a profile's ``methods:`` is merged over these.
@@ -257,6 +309,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check(self.k >= 1, "eval.k", "must be >= 1")
+        _check(self.n_prompts is None or self.n_prompts >= 1, "eval.n_prompts",
+               f"must be >= 1, or null for the whole evaluation set; got {self.n_prompts}")
         bad = sorted(set(self.sets) - {"mt_bench", "humaneval", "gsm8k"})
         _check(not bad, "eval.sets", f"unknown evaluation sets {bad}; use mt_bench, humaneval, gsm8k")
 
@@ -275,7 +329,7 @@ class Table1Config:
 
     def __post_init__(self) -> None:
         _check(len(self.contexts) == len(self.paper_contexts), "table1.paper_contexts",
-               "must have one entry per table1.contexts entry")
+               "must have one entry per table1.contexts entry", involves=("table1.contexts",))
         _check(all(c >= 8 for c in self.contexts), "table1.contexts", "each context must be >= 8 tokens")
 
 
@@ -339,10 +393,11 @@ class VllmConfig:
         _check(0 < self.gpu_memory_utilization <= 1, "vllm.gpu_memory_utilization", "must be in (0, 1]")
         _check(bool(self.concurrency) and all(c >= 1 for c in self.concurrency), "vllm.concurrency",
                "a non-empty list of levels >= 1")
-        _check(self.n_prompts >= 1 and self.output_len >= 1, "vllm.n_prompts", "n_prompts and output_len must be >= 1")
+        _check(self.n_prompts >= 1 and self.output_len >= 1, "vllm.n_prompts", "n_prompts and output_len must be >= 1",
+               involves=("vllm.output_len",))
         _check(self.max_num_seqs >= 1, "vllm.max_num_seqs", "must be >= 1")
         _check(self.startup_timeout_s > 0 and self.run_timeout_s > 0, "vllm.startup_timeout_s",
-               "timeouts must be > 0 (s)")
+               "timeouts must be > 0 (s)", involves=("vllm.run_timeout_s",))
         _check(self.num_warmups >= 0, "vllm.num_warmups", "must be >= 0")
 
 
@@ -396,6 +451,10 @@ class ScalingConfig:
 class Config:
     profile: str
     results_dir: str
+    # Where the tables and figures go. None: ``paper_tables`` for a profile writing to its own
+    # ``results/<profile>``, else ``<results_dir>/paper_tables``, so that an overlay with its own
+    # results_dir (a smoke run, an experiment) never overwrites the profile's tables.
+    tables_dir: str | None = None
     seed: int = 0
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -418,21 +477,33 @@ class Config:
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.targets]
-        _check(len(set(names)) == len(names), "extra_targets", f"target names must be unique, got {names}")
-        for name in names:
-            _check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", name) is not None, "target.name",
-                   f"{name!r}: use letters, digits, '.' and '-' (it names result directories)")
+        name_keys = ("target.name", *(f"extra_targets[{i}].name" for i in range(len(self.extra_targets))))
+        _check(len(set(names)) == len(names), "extra_targets", f"target names must be unique, got {names}",
+               involves=name_keys)
+        for name, name_key in zip(names, name_keys):
+            if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", name) is None:
+                raise ConfigError(f"target.name: {name!r}: use letters, digits, '.' and '-' (it names result "
+                                  "directories)", key=name_key)
         for key, methods in (("table1.methods", self.table1.methods), ("table9.methods", self.table9.methods),
                              ("drafting_cost.methods", self.drafting_cost.methods)):
             bad = sorted(set(methods) - set(self.methods))
-            _check(not bad, key, f"unknown methods {bad}; defined in methods: {', '.join(self.methods)}")
+            _check(not bad, key, f"unknown methods {bad}; defined in methods: {', '.join(self.methods)}",
+                   involves=("methods",))
         for name in self.methods:
             _check(re.fullmatch(r"[a-z0-9]+", name) is not None, f"methods.{name}",
                    "method names are lower-case letters and digits (they name result directories)")
         for key, wanted in (("table1.target", [self.table1.target]), ("table9.targets", self.table9.targets),
                             ("table10.targets", self.table10.targets)):
             bad = sorted(set(w for w in wanted or [] if w is not None) - set(names))
-            _check(not bad, key, f"unknown targets {bad}; the profile's targets are {names}")
+            _check(not bad, key, f"unknown targets {bad}; the profile's targets are {names}", involves=name_keys)
+
+    @property
+    def tables_path(self) -> str:
+        """The tables directory in effect (see ``tables_dir``)."""
+        if self.tables_dir:
+            return self.tables_dir.rstrip("/")
+        results = self.results_dir.rstrip("/")
+        return "paper_tables" if results == f"results/{self.profile}" else f"{results}/paper_tables"
 
     @property
     def targets(self) -> list[TargetConfig]:
@@ -465,6 +536,36 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def digest(self) -> str:
+        """A short hash of every setting that can change a number (see :func:`config_digest`)."""
+        return config_digest(self)
+
+
+# Settings that only say where files go or which interpreter runs: they change no result, so two
+# runs that differ only in them have the same digest (a recorded baseline stays current).
+LOCATION_KEYS = ("results_dir", "tables_dir", "vllm.python")
+
+
+def config_digest(cfg: Config) -> str:
+    """sha256 (16 hex digits) of the validated config, defaults filled in, without LOCATION_KEYS.
+
+    Equal digests mean equal settings, whichever files and overlays spelt them; the tables record
+    it, and ``peagle compare`` calls a recorded result stale when its digest differs from the
+    profile's.
+    """
+    import hashlib
+    import json
+
+    d = cfg.to_dict()
+    for key in LOCATION_KEYS:
+        *parents, leaf = key.split(".")
+        node = d
+        for part in parents:
+            node = node[part]
+        node.pop(leaf, None)
+    text = json.dumps(d, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
 
 # --------------------------------------------------------------------------- loading
 
@@ -490,8 +591,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 return _coerce(value, alt, key)
             except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
+                errors.append(err)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(f"{key}: {value!r} matches none of {_type_name(tp)}", key=key)
     if origin is Literal:
         _check(value in args, key, f"{value!r} is not one of {list(args)}")
         return value
@@ -523,7 +626,8 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     unknown = sorted(set(raw) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]} (valid keys here: {', '.join(sorted(names))})")
+        raise ConfigError(f"unknown key {where}{unknown[0]} (valid keys here: {', '.join(sorted(names))})",
+                          key=f"{where}{unknown[0]}")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
     try:
         return cls(**kwargs)
@@ -531,15 +635,18 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
         raise ConfigError(f"{prefix or 'config'}: {err}") from None
     except ConfigError as err:
         # Sections used at several places (targets, methods) name their keys relative to "*".
-        msg = str(err)
-        raise ConfigError(prefix + msg[1:] if msg.startswith("*.") else msg) from None
+        def here(key: str) -> str:
+            return prefix + key[1:] if key.startswith("*.") else key
+
+        raise ConfigError(here(str(err)), key=here(err.key) if err.key else None,
+                          involves=tuple(map(here, err.involves))) from None
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     raw = dict(raw)
     methods = raw.get("methods") or {}
     if not isinstance(methods, dict):
-        raise ConfigError(f"methods: expected a mapping, got {type(methods).__name__}")
+        raise ConfigError(f"methods: expected a mapping, got {type(methods).__name__}", key="methods")
     # A profile adds methods or changes fields of the default ones; it never drops one silently.
     raw["methods"] = _deep_merge(DEFAULT_METHODS, methods)
     return _build(Config, raw, "")
@@ -552,28 +659,86 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found (profiles live in config/, e.g. config/tiny.yaml)") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
 def read_config_files(*paths: str | Path) -> dict[str, Any]:
     """Read one or more YAML files, later ones deep-merged over earlier ones (no validation)."""
     merged: dict[str, Any] = {}
     for path in map(Path, paths):
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found (profiles live in config/, e.g. config/tiny.yaml)") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        merged = _deep_merge(merged, raw)
+        merged = _deep_merge(merged, _read_config_file(path))
     return merged
 
 
+_KEY_PART = re.compile(r"\[(\d+)\]|([^.\[\]]+)")
+
+
+def _key_parts(key: str) -> list[str | int]:
+    """``extra_targets[0].num_heads`` -> ``["extra_targets", 0, "num_heads"]``."""
+    return [int(index) if index else name for index, name in _KEY_PART.findall(key)]
+
+
+def _setter(raws: list[dict[str, Any]], key: str, *, exact: bool) -> int | None:
+    """Index of the file whose setting is in effect for ``key`` (the deep-merge order of
+    :func:`read_config_files`: a later mapping merges, a later list or scalar replaces).
+
+    ``exact``: None unless some file sets the key itself; else the file setting its longest prefix
+    that any file sets (None when no file sets even the top-level key).
+    """
+    layer: list[tuple[int, Any]] = list(enumerate(raws))
+    owner, parts = None, _key_parts(key)
+    for part in parts:
+        found = []
+        for i, node in layer:
+            if isinstance(part, str) and isinstance(node, dict) and part in node:
+                found.append((i, node[part]))
+            elif isinstance(part, int) and isinstance(node, list) and 0 <= part < len(node):
+                found.append((i, node[part]))
+        if not found:
+            return None if exact else owner
+        # Values before the last non-mapping are replaced; a non-mapping last replaces them all.
+        cut = max((j for j, (_, v) in enumerate(found) if not isinstance(v, dict)), default=-1)
+        layer = found[cut:] if cut == len(found) - 1 else found[cut + 1:]
+        owner = layer[-1][0]
+    return owner
+
+
+def _file_of(raws: list[dict[str, Any]], err: ConfigError) -> int | None:
+    """The one file to blame for ``err``, or None when no single file can be identified."""
+    keys = err.keys
+    if not keys:
+        return None
+    if len(keys) == 1:  # the key, or the section that sets it
+        return _setter(raws, keys[0], exact=False)
+    # A cross-field check: one file only when every key it read and some file sets is set there.
+    owners = {_setter(raws, k, exact=True) for k in keys} - {None}
+    return owners.pop() if len(owners) == 1 else None
+
+
 def load_config(*paths: str | Path) -> Config:
-    """Load and validate a profile YAML (plus optional overlays); errors name the files and key."""
+    """Load and validate a profile YAML (plus optional overlays).
+
+    Errors name the dotted key and the file that sets it (the last one, for a key several files
+    set); all the files when no one file can be identified (a missing key, a check across files).
+    """
     if not paths:
         raise ConfigError("no config file given (e.g. config/tiny.yaml)")
-    raw = read_config_files(*paths)
+    raws = [_read_config_file(Path(p)) for p in paths]
+    raw: dict[str, Any] = {}
+    for one in raws:
+        raw = _deep_merge(raw, one)
     try:
         return config_from_dict(raw)
     except ConfigError as err:
-        raise ConfigError(f"{', '.join(map(str, paths))}: {err}") from None
+        i = _file_of(raws, err)
+        where = str(paths[i]) if i is not None else ", ".join(map(str, paths))
+        raise ConfigError(f"{where}: {err}", key=err.key, involves=err.involves) from None

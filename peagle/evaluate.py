@@ -97,7 +97,9 @@ def evaluate_drafter(
 
     records = read_prompts(prompts_path)
     n_prompts = n_prompts if n_prompts is not None else cfg.eval.n_prompts
-    records = records[:n_prompts] if n_prompts else records
+    records = records[:n_prompts] if n_prompts is not None else records
+    if not records:
+        raise EvaluationError(f"{prompts_path}: no prompts to evaluate (eval.n_prompts={n_prompts})")
     runner = TargetRunner(model, info["aux_layer_ids"])
     engine = SpeculativeDecoder(runner, make_proposer(drafter), k=k, eos_id=info.get("eos_token_id"))
     total = DecodeStats(k)

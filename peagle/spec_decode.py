@@ -36,6 +36,10 @@ class TargetRunner:
         from transformers import DynamicCache
 
         self.cache = DynamicCache(config=self.model.config)
+        # Sliding-window layers (GPT-OSS's even layers) drop keys beyond the window as they go,
+        # which cannot be rolled back; with past recording they keep the newest tokens until the
+        # next crop, so a rejected draft can be removed exactly. Full-attention layers ignore it.
+        self.cache.activate_past_recording()
 
     @property
     def length(self) -> int:
@@ -50,10 +54,13 @@ class TargetRunner:
         return out.logits[0], aux
 
     def crop(self, length: int) -> None:
+        """Keep the first ``length`` tokens. Call after every forward: on sliding-window layers
+        ``crop`` (even of 0 tokens) also trims the recorded past back to the window."""
         # transformers 5 takes the number of tokens to remove, as a negative count.
         extra = self.length - length
-        if extra > 0:
-            self.cache.crop(-extra)
+        if extra < 0:
+            raise ValueError(f"cannot crop a cache of {self.length} tokens to {length}")
+        self.cache.crop(-extra)
 
 
 def _eos_set(eos_id: int | list[int] | None) -> frozenset[int]:
@@ -69,6 +76,7 @@ def greedy_generate(runner: TargetRunner, prompt: list[int], max_new_tokens: int
     eos = _eos_set(eos_id)
     runner.reset()
     logits, _ = runner.forward(prompt)
+    runner.crop(len(prompt))
     out: list[int] = []
     while True:
         tok = int(logits[-1].argmax())
@@ -76,6 +84,7 @@ def greedy_generate(runner: TargetRunner, prompt: list[int], max_new_tokens: int
         if len(out) >= max_new_tokens or tok in eos:
             return out
         logits, _ = runner.forward([tok])
+        runner.crop(runner.length)  # nothing removed; trims sliding-window layers to the window
 
 
 class Proposer(Protocol):
@@ -223,6 +232,7 @@ class SpeculativeDecoder:
         self.target.reset()
         self.proposer.reset()
         logits, aux = self.target.forward(prompt)
+        self.target.crop(len(prompt))
         tokens = list(prompt) + [int(logits[-1].argmax())]
         rows = aux  # g_0 .. g_{n-1}: tokens always has one more entry than there are rows
         while not self._finished(tokens, len(prompt), max_new_tokens):

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import csv
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from peagle.config import Config
-from peagle.io import atomic_write_json, atomic_write_text
+from peagle.provenance import read_benchmark, read_provenance, write_table
 
 PAPER_NUMBERS = Path(__file__).parent / "resources" / "paper_numbers.csv"
 
@@ -20,30 +18,10 @@ class TableError(ValueError):
     """A result file the table needs is missing or inconsistent."""
 
 
-def git_commit(repo: Path | None = None) -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo or Path.cwd(), capture_output=True,
-                             text=True, check=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo or Path.cwd(),
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def read_benchmark(path: str | Path) -> dict[str, float]:
-    """A Snakemake ``benchmark:`` TSV -> its first row (``s`` is wall seconds, ``max_rss`` MiB)."""
-    with open(path) as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    if not rows:
-        raise TableError(f"{path}: empty benchmark file")
-    out = {}
-    for k, v in rows[0].items():
-        try:
-            out[k] = float(v)
-        except (TypeError, ValueError):
-            continue
-    return out
+# What a table's provenance keeps of each evaluation result (the per-cell measurements).
+_CELL_KEYS = ("file", "status", "acceptance_length", "per_position_acceptance", "prompts", "rounds", "new_tokens",
+              "draft_s", "verify_s", "wall_s", "lossless_checks", "drafter", "drafter_layers", "ctx", "target",
+              "training")
 
 
 def paper_numbers() -> pd.DataFrame:
@@ -99,31 +77,22 @@ def write_table1(cfg: Config, evals: list[str], benchmarks: list[str], out: str 
         row = {"method": method, "layers": layers, **{k: v for k, v in row.items() if k != "method"}}
         rows.append(row)
     df = pd.DataFrame(rows)
-    out = Path(out)
-    atomic_write_text(out, df.to_csv(index=False))
-    provenance = {
-        "table": "table1",
-        "profile": cfg.profile,
-        "what": f"acceptance length on {t1.eval_set} at K={t1.k} vs training context length",
+    details: dict[str, Any] = {
         "paper_contexts": dict(zip((f"ctx={c}" for c in t1.contexts), t1.paper_contexts)),
-        "commit": git_commit(),
-        "config_files": config_files,
-        "config": cfg.to_dict(),
-        "seeds": {"global": cfg.seed, "train": cfg.train.seed},
-        "cells": {f"{m}@ctx={c}": {k: v for k, v in cell.items() if k in (
-            "status", "file", "acceptance_length", "per_position_acceptance", "prompts", "rounds", "new_tokens",
-            "wall_s", "lossless_checks", "drafter", "training")} for (m, c), cell in sorted(cells.items())},
+        "cells": {f"{m}@ctx={c}": {k: v for k, v in cell.items() if k in _CELL_KEYS}
+                  for (m, c), cell in sorted(cells.items())},
         "budgets": {"memory_budget_mb": cfg.train.memory_budget_mb,
                     "time_budget_s_per_epoch": cfg.train.time_budget_s_per_epoch},
         "wall_times_s": {str(b): read_benchmark(b).get("s") for b in benchmarks},
     }
-    provenance["wall_time_total_s"] = sum(v for v in provenance["wall_times_s"].values() if v is not None)
+    details["wall_time_total_s"] = sum(v for v in details["wall_times_s"].values() if v is not None)
     if target_json is not None:
         info = json.loads(Path(target_json).read_text())
-        provenance["target"] = {k: info.get(k) for k in (
+        details["target"] = {k: info.get(k) for k in (
             "path", "kind", "name", "architecture", "num_layers", "hidden_size", "vocab_size", "aux_layer_ids",
             "heldout_next_token_accuracy")}
-    atomic_write_json(out.with_suffix(".provenance.json"), provenance)
+    write_table(df, out, table="table1", cfg=cfg, config_files=config_files,
+                what=f"acceptance length on {t1.eval_set} at K={t1.k} vs training context length", **details)
     return df
 
 
@@ -133,8 +102,6 @@ TABLE9_METHODS = ("eagle3", "peagle")
 EVAL_SET_ORDER = ("mt_bench", "humaneval", "gsm8k")
 TABLE9_COLUMNS = ["target", "architecture", "eval_set", "k", "eagle3_layers", "eagle3", "peagle_layers", "peagle",
                   "rel_diff_pct"]
-_CELL_KEYS = ("file", "status", "acceptance_length", "per_position_acceptance", "prompts", "rounds", "new_tokens",
-              "wall_s", "lossless_checks", "drafter", "drafter_layers", "ctx", "target")
 
 
 def _target_name(res: dict[str, Any]) -> str:
@@ -251,21 +218,11 @@ def write_table9(cfg: Config, evals: list[str], out: str | Path,
     df = pd.DataFrame(rows, columns=TABLE9_COLUMNS)
     for col in ("k", "eagle3_layers", "peagle_layers"):  # a missing layer count must not turn 4 into 4.0
         df[col] = df[col].astype("Int64")
-    out = Path(out)
-    atomic_write_text(out, df.to_csv(index=False))
-    provenance = {
-        "table": "table9",
-        "profile": cfg.profile,
-        "what": f"acceptance length at K={k}, EAGLE-3 vs P-EAGLE, per target and evaluation set; "
-                f"rel_diff_pct = 100 (peagle - eagle3) / eagle3",
-        "commit": git_commit(),
-        "config_files": config_files,
-        "config": cfg.to_dict(),
-        "seeds": {"global": cfg.seed, "train": cfg.train.seed},
-        "cells": {f"{t}/{s}/{m}": {k_: v for k_, v in cell.items() if k_ in _CELL_KEYS}
-                  for (t, s, m), cell in sorted(cells.items())},
-    }
-    atomic_write_json(out.with_suffix(".provenance.json"), provenance)
+    write_table(df, out, table="table9", cfg=cfg, config_files=config_files,
+                what=f"acceptance length at K={k}, EAGLE-3 vs P-EAGLE, per target and evaluation set; "
+                     f"rel_diff_pct = 100 (peagle - eagle3) / eagle3",
+                cells={f"{t}/{s}/{m}": {k_: v for k_, v in cell.items() if k_ in _CELL_KEYS}
+                       for (t, s, m), cell in sorted(cells.items())})
     return df
 
 
@@ -365,34 +322,24 @@ def write_table10(cfg: Config, results: list[str], out: str | Path,
     df = pd.DataFrame(rows, columns=table10_columns(ks))
     for col in ("concurrency", "eagle3_k", "peagle_best_k"):
         df[col] = df[col].astype("Int64")
-    out = Path(out)
-    atomic_write_text(out, df.to_csv(index=False))
     keep = ("file", "status", "drafter", "k", "k_train", "method", "ctx", "prompts", "output_len", "speculative_config",
             "server_startup_s", "concurrency", "settings", "device", "vllm_version", "target")
-    provenance = {
-        "table": "table10",
-        "profile": cfg.profile,
-        "what": "vLLM serving benchmark: output tokens/s (and acceptance length from vLLM's counters) of P-EAGLE "
-                f"at K in {ks} vs EAGLE-3 at its best K per row; speedup = P-EAGLE / EAGLE-3 tok/s",
-        "commit": git_commit(),
-        "config_files": config_files,
-        "config": cfg.to_dict(),
-        "seeds": {"global": cfg.seed},
-        "cells": {f"{t}/{s}/{m}/k{k}": {k_: v for k_, v in cell.items() if k_ in keep}
-                  for (t, s, m, k), cell in sorted(cells.items())},
-    }
-    atomic_write_json(out.with_suffix(".provenance.json"), provenance)
+    write_table(df, out, table="table10", cfg=cfg, config_files=config_files,
+                what="vLLM serving benchmark: output tokens/s (and acceptance length from vLLM's counters) of "
+                     f"P-EAGLE at K in {ks} vs EAGLE-3 at its best K per row; speedup = P-EAGLE / EAGLE-3 tok/s",
+                cells={f"{t}/{s}/{m}/k{k}": {k_: v for k_, v in cell.items() if k_ in keep}
+                       for (t, s, m, k), cell in sorted(cells.items())})
     return df
 
 
 # --------------------------------------------------------------------------- merging CSVs
 
 
-def concat_csv(inputs: list[str | Path], out: str | Path) -> pd.DataFrame:
+def concat_csv(inputs: list[str | Path], out: str | Path, table: str | None = None) -> pd.DataFrame:
     """Stack CSVs with the same columns (e.g. one drafting-cost CSV per target) into ``out``.
 
-    Provenance sidecars (``X.provenance.json`` beside each input) are merged into
-    ``out``'s sidecar under ``parts``, keyed by input path.
+    The inputs' provenance sidecars are kept under ``parts``, keyed by input path; the profile,
+    config digest and config they agree on are lifted to the top, so ``out`` reads like any table.
     """
     if not inputs:
         raise TableError("concat-csv: no input files")
@@ -410,17 +357,14 @@ def concat_csv(inputs: list[str | Path], out: str | Path) -> pd.DataFrame:
             raise TableError(f"{path}: columns {list(df.columns)} differ from {inputs[0]}'s {columns}")
         frames.append(df)
     merged = pd.concat(frames, ignore_index=True)
-    out = Path(out)
-    atomic_write_text(out, merged.to_csv(index=False))
-    parts = {}
-    for path in inputs:
-        side = Path(path).with_suffix(".provenance.json")
-        if side.exists():
-            try:
-                parts[str(path)] = json.loads(side.read_text())
-            except json.JSONDecodeError:
-                parts[str(path)] = None
-    atomic_write_json(out.with_suffix(".provenance.json"),
-                      {"what": "concatenation of the inputs' rows, in order", "inputs": [str(p) for p in inputs],
-                       "commit": git_commit(), "parts": parts})
+    sidecars = [read_provenance(p) for p in inputs]
+    parts = {str(p): prov for p, prov in zip(inputs, sidecars) if prov is not None}
+    shared = {}
+    for key in ("profile", "config_digest", "config_files", "config", "seeds"):
+        values = [json.dumps((prov or {}).get(key), sort_keys=True) for prov in sidecars]
+        if len(set(values)) == 1 and values[0] != "null":
+            shared[key] = json.loads(values[0])
+    write_table(merged, out, table=table or Path(out).stem, what="concatenation of the inputs' rows, in order",
+                config_files=shared.pop("config_files", None), inputs=[str(p) for p in inputs], parts=parts,
+                **shared)
     return merged

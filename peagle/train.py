@@ -306,7 +306,7 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
            stop_after_steps: int | None, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
     from peagle.eagle3 import ttt_loss  # deferred: peagle.eagle3 imports distill_loss from here
     from peagle.hidden import HiddenStateDataset, shifted_rows
-    from peagle.target import load_target
+    from peagle.target import read_embedding_tensors, read_target_json
 
     plan = MethodPlan.of(cfg, method)
     if ctx < 3:
@@ -320,15 +320,15 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
     out.mkdir(parents=True, exist_ok=True)
 
     dataset = HiddenStateDataset(hidden_dir)
-    target, _tok, info = load_target(target_json, device="cpu", dtype=torch.float32)
+    info = read_target_json(target_json)
     if list(dataset.aux_layer_ids) != list(info["aux_layer_ids"]):
         raise TrainingError(f"{hidden_dir}: hidden states were extracted at layers {dataset.aux_layer_ids} "
                             f"but {target_json} says {info['aux_layer_ids']}; re-run extraction")
     if dataset.hidden_size != info["hidden_size"]:
         raise TrainingError(f"{hidden_dir}: hidden size {dataset.hidden_size} != target's {info['hidden_size']}")
-    embed = target.get_input_embeddings().weight.detach().clone()
-    head = target.get_output_embeddings().weight.detach().clone()
-    del target
+    # Only the two tensors the drafter copies, straight from the safetensors files: never the whole
+    # target (a 120B one would be ~468 GB in fp32 on the CPU).
+    embed, head = read_embedding_tensors(target_json, dtype=torch.float32)
 
     h = info["hidden_size"]
     head_dim = dc.head_dim or h // dc.num_heads

@@ -575,7 +575,6 @@ def write_crosscheck(results: list[str | Path], out: str | Path) -> "pd.DataFram
     """
     import pandas as pd
 
-    from peagle.io import atomic_write_text
 
     rows, cells = [], {}
     for path in results:
@@ -592,14 +591,11 @@ def write_crosscheck(results: list[str | Path], out: str | Path) -> "pd.DataFram
         cells[str(path)] = {k: res.get(k) for k in ("drafter", "cross_check", "speculative_config", "drafter_state",
                                                       "settings", "vllm_version", "requests_digest", "baseline")}
     df = pd.DataFrame(rows, columns=CROSSCHECK_COLUMNS)
-    out = Path(out)
-    atomic_write_text(out, df.to_csv(index=False))
-    from peagle.tables import git_commit
+    from peagle.provenance import write_table
 
-    atomic_write_json(out.with_suffix(".provenance.json"), {
-        "what": "acceptance length of the suite's engine vs vLLM for the same drafter, target, prompts and K "
-                "(peagle.vllm_bench.cross_check: tolerance max(rel_tol * AL, K / rounds))",
-        "commit": git_commit(), "cells": cells})
+    write_table(df, out, table="vllm_crosscheck", cells=cells,
+                what="acceptance length of the suite's engine vs vLLM for the same drafter, target, prompts and K "
+                     "(peagle.vllm_bench.cross_check: tolerance max(rel_tol * AL, K / rounds))")
     return df
 
 

@@ -431,3 +431,159 @@ def test_profile_methods_merge_over_the_defaults():
     assert cfg.methods["parallelspec"].num_layers == 1 and not cfg.methods["parallelspec"].cod
     assert not cfg.methods["eagle3"].parallel and cfg.methods["eagle3"].embed_trainable is False
     assert cfg.methods["mine"].num_layers == 2
+
+
+# --------------------------------------------------------------------------- bad values caught at load
+
+
+def _extra_targets_with(**changes: Any) -> list[dict[str, Any]]:
+    """tiny.yaml's extra_targets with ``changes`` applied to the first (lists replace on overlay)."""
+    targets = copy.deepcopy(read_config_files(TINY)["extra_targets"])
+    targets[0].update(changes)
+    return targets
+
+
+def _load_error(tmp_path: Path, overlay: dict[str, Any], *base: Path) -> tuple[Path, ConfigError]:
+    path = _write(tmp_path, "overlay.yaml", overlay)
+    with pytest.raises(ConfigError) as err:
+        load_config(*(base or (TINY,)), path)
+    return path, err.value
+
+
+@pytest.mark.parametrize("overlay, key", [
+    ({"drafter": {"num_kv_heads": 0}}, "drafter.num_kv_heads"),
+    ({"drafter": {"num_heads": 0}}, "drafter.num_heads"),
+    ({"target": {"num_heads": 0}}, "target.num_heads"),
+    ({"target": {"num_kv_heads": 0}}, "target.num_kv_heads"),
+    ({"extra_targets": _extra_targets_with(num_heads=0)}, "extra_targets[0].num_heads"),
+    ({"extra_targets": _extra_targets_with(num_kv_heads=0)}, "extra_targets[0].num_kv_heads"),
+])
+def test_zero_heads_are_a_config_error_not_a_zero_division(tmp_path, validator, overlay, key):
+    path, err = _load_error(tmp_path, overlay)
+    msg = str(err)
+    assert msg.startswith(f"{path}: {key}: must be >= 1"), msg
+    assert str(TINY) not in msg and err.key == key
+    assert list(validator.iter_errors(read_config_files(TINY, path))), f"schema accepts {overlay}"
+
+
+@pytest.mark.parametrize("overlay, key", [
+    ({"target": {"num_kv_heads": 3}}, "target.num_kv_heads"),
+    ({"drafter": {"num_kv_heads": 3}}, "drafter.num_kv_heads"),
+    ({"extra_targets": _extra_targets_with(num_kv_heads=3)}, "extra_targets[0].num_kv_heads"),
+])
+def test_kv_heads_must_divide_heads(tmp_path, overlay, key):
+    path, err = _load_error(tmp_path, overlay)
+    msg = str(err)
+    assert f"{key}: must divide" in msg and str(path) in msg, msg
+    # A cross-field check: tiny.yaml sets num_heads too, unless the overlay's list replaced it.
+    assert (str(TINY) in msg) == (not key.startswith("extra_targets")), msg
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda0", "cuda:", "cuda:x", "CUDA", "cpu:0", "tpu", ""])
+def test_unknown_device_is_refused_at_load(tmp_path, validator, device):
+    path, err = _load_error(tmp_path, {"runtime": {"device": device}})
+    msg = str(err)
+    assert msg.startswith(f"{path}: runtime.device: {device!r}"), msg
+    assert "use cpu, cuda or cuda:N" in msg and str(TINY) not in msg
+    assert list(validator.iter_errors(read_config_files(TINY, path))), f"schema accepts device {device!r}"
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:0", "cuda:3", "mps"])
+def test_valid_devices_load_in_both(tmp_path, validator, device):
+    path = _write(tmp_path, "overlay.yaml", {"runtime": {"device": device}})
+    assert load_config(TINY, path).runtime.device == device
+    assert list(validator.iter_errors(read_config_files(TINY, path))) == []
+
+
+@pytest.mark.parametrize("section", ["eval", "respond"])
+def test_n_prompts_zero_is_refused_and_null_means_all(tmp_path, validator, section):
+    path, err = _load_error(tmp_path, {section: {"n_prompts": 0}})
+    msg = str(err)
+    assert msg.startswith(f"{path}: {section}.n_prompts: must be >= 1, or null"), msg
+    assert list(validator.iter_errors(read_config_files(TINY, path)))
+    for ok in (None, 1, 5):
+        path = _write(tmp_path, "ok.yaml", {section: {"n_prompts": ok}})
+        assert getattr(load_config(TINY, path), section).n_prompts == ok
+        assert list(validator.iter_errors(read_config_files(TINY, path))) == []
+
+
+# --------------------------------------------------------------------------- the error names the one file
+
+
+@pytest.mark.parametrize("overlay, key", [
+    ({"train": {"epoch": 3}}, "train.epoch"),
+    ({"extra_targets": _extra_targets_with(num_heads=0)}, "extra_targets[0].num_heads"),
+    ({"extra_targets": _extra_targets_with(pretrain={"steps": 0})}, "extra_targets[0].pretrain.steps"),
+    ({"target": {"pretrain": {"steps": 0}}}, "target.pretrain.steps"),
+    ({"methods": {"peagle": {"partitions": 0}}}, "methods.peagle.partitions"),
+    # Keys the file does not set itself: the section it sets stands for them.
+    ({"methods": {"eagle3": {"mask_strategy": "pard"}}}, "methods.eagle3.parallel"),
+    ({"target": {"kind": "hf"}}, "target.path"),
+    ({"table1": {"contexts": [64, "256"]}}, "table1.contexts[1]"),
+    ({"extra_targets": _extra_targets_with(name="bad/name")}, "target.name"),
+])
+def test_error_names_only_the_overlay_that_sets_the_key(tmp_path, overlay, key):
+    path, err = _load_error(tmp_path, overlay)
+    msg = str(err)
+    assert msg.startswith(f"{path}: "), msg
+    assert key in msg and str(TINY) not in msg
+
+
+def test_error_in_the_base_file_names_the_base_file(tmp_path):
+    text, n = re.subn(r"(?m)^  epochs:", "  epoch:", TINY.read_text())
+    assert n == 1
+    base = _write(tmp_path, "base.yaml", text)
+    overlay = _write(tmp_path, "overlay.yaml", {"train": {"lr": 1e-3}, "drafter": {"num_layers": 2}})
+    with pytest.raises(ConfigError) as err:
+        load_config(base, overlay)
+    msg = str(err.value)
+    assert msg.startswith(f"{base}: unknown key train.epoch"), msg
+    assert str(overlay) not in msg and err.value.key == "train.epoch"
+
+
+def test_key_set_in_several_files_names_the_last(tmp_path):
+    first = _write(tmp_path, "first.yaml", {"train": {"lr": -1.0}})
+    second = _write(tmp_path, "second.yaml", {"train": {"lr": -2.0}})
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, first, second)
+    msg = str(err.value)
+    assert msg.startswith(f"{second}: train.lr: must be > 0"), msg
+    assert str(first) not in msg and str(TINY) not in msg
+
+
+def test_replaced_list_is_blamed_on_the_file_that_replaced_it(tmp_path):
+    # tiny.yaml sets extra_targets[0].num_heads; the overlay's list replaces it and is the culprit.
+    first = _write(tmp_path, "first.yaml", {"extra_targets": _extra_targets_with(hidden_size=250)})
+    second = _write(tmp_path, "second.yaml", {"extra_targets": _extra_targets_with(num_heads=0)})
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, first, second)
+    assert str(err.value).startswith(f"{second}: extra_targets[0].num_heads: must be >= 1"), str(err.value)
+
+
+@pytest.mark.parametrize("overlay, key", [
+    # tiny.yaml defines methods:, the overlay refers to one it lacks: either file may need the fix.
+    ({"table1": {"methods": ["peagle", "medusa"]}}, "table1.methods"),
+    # tiny.yaml sets hidden_size 256, the overlay a head count that does not divide it.
+    ({"target": {"num_heads": 3, "num_kv_heads": 1}}, "target.hidden_size"),
+    ({"table9": {"targets": ["nope"]}}, "table9.targets"),
+])
+def test_cross_file_errors_name_every_file(tmp_path, overlay, key):
+    path, err = _load_error(tmp_path, overlay)
+    msg = str(err)
+    assert msg.startswith(f"{TINY}, {path}: {key}: "), msg
+
+
+def test_cross_field_error_within_one_file_names_that_file(tmp_path):
+    path, err = _load_error(tmp_path, {"target": {"hidden_size": 250, "num_heads": 4}})
+    assert str(err).startswith(f"{path}: target.hidden_size: must be divisible"), str(err)
+
+
+def test_missing_required_key_names_every_file(tmp_path):
+    raw = read_config_files(TINY)
+    del raw["results_dir"]
+    base = _write(tmp_path, "base.yaml", raw)
+    overlay = _write(tmp_path, "overlay.yaml", {"seed": 1})
+    with pytest.raises(ConfigError) as err:
+        load_config(base, overlay)
+    msg = str(err.value)
+    assert msg.startswith(f"{base}, {overlay}: ") and "results_dir" in msg, msg

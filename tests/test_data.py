@@ -100,6 +100,19 @@ def test_read_prompts_missing_file_and_role_check(tmp_path: Path) -> None:
         read_prompts(path, expect_role="gsm8k")
 
 
+@pytest.mark.parametrize("text", ["", "\n", "\n  \n\n"])
+def test_read_prompts_empty_file_is_a_clear_error(tmp_path: Path, text: str) -> None:
+    # An empty eval set used to surface much later as "Out of range float values ...: nan".
+    path = tmp_path / "eval_mt_bench.jsonl"
+    path.write_text(text, encoding="utf-8")
+    for kwargs in ({}, {"expect_role": "mt_bench"}):
+        with pytest.raises(SchemaError) as err:
+            read_prompts(path, **kwargs)
+        msg = str(err.value)
+        assert msg.startswith(f"{path}: no prompts (empty file); re-run the data rule"), msg
+        assert "non-empty" in msg
+
+
 def test_write_prompts_roundtrip_one_line_per_record(tmp_path: Path) -> None:
     recs = [
         PromptRecord("r-0", "s", "mt_bench", ("line one\nline two", "second turn"), "ref\n\nwith ünïcode"),

@@ -187,7 +187,7 @@ def test_make_tiny_target_stage(records, tmp_path):
                             progress=False)
     assert info == read_target_json(tmp_path / "T" / "target.json")
     assert info["kind"] == "tiny" and info["path"] == "model" and info["mask_token_id"] == 5
-    assert info["aux_layer_ids"] == [1, 2, 3] and info["eos_token_id"] == 2
+    assert info["aux_layer_ids"] == [1, 2, 3] and info["eos_token_id"] == [2]  # eos_token_ids(): a list
     assert (tmp_path / "T" / "pretrain_log.jsonl").read_text().count("\n") >= 1
     model, tok, _ = load_target(tmp_path / "T" / "target.json")
     assert len(tok) == info["vocab_size"] and model.config.num_hidden_layers == 4

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SNAKEMAKE = str(BIN / "snakemake") if (BIN / "snakemake").exists() else shutil.which("snakemake")
 TABLE1_RULES = {"data", "target", "respond", "extract", "train", "evaluate", "table1"}
-RULES = TABLE1_RULES | {"table9", "drafting_cost_target", "drafting_cost", "compare", "all"}
+RULES = TABLE1_RULES | {"table9", "drafting_cost_target", "drafting_cost", "compare", "fig1", "figures", "all"}
 GPU_RULES = {"respond", "extract", "train", "evaluate"}
 
 pytestmark = [
@@ -104,14 +104,14 @@ def test_tiny_dry_run(tiny_plan):
     for job in tiny_plan:
         assert job["shell"].startswith(f"python -m peagle {job['rule']} "), job
         assert _configs(job["shell"]) == ["config/tiny.yaml"], job["shell"]
-        assert job["log"].startswith("logs/tiny/"), job
+        assert job["log"].startswith("results/tiny/logs/"), job
         assert "gpu" not in job.get("resources", ""), job  # CPU profile: no GPU requests
         if job["rule"] in {"target"} | GPU_RULES:
             assert job["threads"] == str(min(cfg.runtime.threads, os.cpu_count() or 1)), job
     table = next(j for j in tiny_plan if j["rule"] == "table1")
     assert "paper_tables/table1.csv" in table["output"] and "table1.provenance.json" in table["output"]
-    assert table["shell"].count("benchmarks/tiny/train/") == cells
-    assert table["shell"].count("benchmarks/tiny/evaluate/") == cells
+    assert table["shell"].count("results/tiny/benchmarks/train/") == cells
+    assert table["shell"].count("results/tiny/benchmarks/evaluate/") == cells
 
 
 def test_default_target_is_every_table():
@@ -141,7 +141,7 @@ def test_paper_dry_run(paper_plan, tiny_plan):
     for job in paper_plan:
         # paper.yaml is a complete profile: tiny.yaml must not be merged under it.
         assert _configs(job["shell"]) == ["config/paper.yaml"], job["shell"]
-        assert job["log"].startswith("logs/paper/"), job
+        assert job["log"].startswith("results/paper/logs/"), job
         assert "results/tiny" not in job["shell"], job["shell"]
         if job["rule"] in GPU_RULES:
             assert re.search(r"\bgpu=1\b", job["resources"]), job
@@ -158,7 +158,7 @@ def test_paper_dry_run(paper_plan, tiny_plan):
     ],
 )
 def test_config_files_reach_the_cli_in_merge_order(configfiles, expected):
-    jobs = plan("paper_tables/table1.csv", "--configfile", *configfiles)
+    jobs = plan("table1", "--configfile", *configfiles)  # the rule: its output path follows results_dir
     assert all(_configs(j["shell"]) == expected for j in jobs), [j["shell"] for j in jobs]
     merged = load_config(*(ROOT / f for f in expected))  # what the CLI will see
     data = next(j for j in jobs if j["rule"] == "data")
@@ -174,6 +174,70 @@ def test_overlay_outside_the_repository_is_passed_by_absolute_path(tmp_path):
     evals = [j for j in jobs if j["rule"] == "evaluate"]
     assert evals and all(_configs(j["shell"]) == ["config/tiny.yaml", str(overlay)] for j in evals)
     assert all("--k 3 " in j["shell"] for j in evals)
+
+
+# --------------------------------------------------------------------------- a fresh clone
+
+
+def _clean_clone(dest: Path) -> Path:
+    """The committed files of the repository (what `git clone` gives), without any run outputs."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True)
+    for rel in filter(None, files.stdout.split("\0")):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
+def _plan_in(workdir: Path, *args: str) -> dict[str, int]:
+    """Job counts per rule of a real dry run (no --forceall) in ``workdir``."""
+    proc = subprocess.run([SNAKEMAKE, "--dry-run", *args], cwd=workdir, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    stats = out[out.index("Job stats:"):].splitlines()[3:]
+    counts = {}
+    for line in stats:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def test_a_fresh_clone_plans_every_job_of_table1(tmp_path):
+    """Nothing the DAG writes is committed: a clean clone plans all of Table 1, in either profile."""
+    repo = _clean_clone(tmp_path / "clone")
+    assert not (repo / "paper_tables").exists()
+    expected = {"data": 1, "target": 1, "respond": 1, "extract": 1, "train": 12, "evaluate": 12, "table1": 1,
+                "total": 29}
+    assert _plan_in(repo, "paper_tables/table1.csv") == expected
+    assert _plan_in(repo, "paper_tables/table1.csv", "--configfile", "config/paper.yaml") == expected
+
+
+def test_an_overlay_with_its_own_results_dir_writes_nothing_shared(tmp_path):
+    overlay = tmp_path / "exp.yaml"
+    overlay.write_text(yaml.safe_dump({"results_dir": "results/exp1"}))
+    jobs = plan("--configfile", str(overlay))
+    for job in jobs:
+        written = " ".join(job.get(k, "") for k in ("output", "log"))
+        for path in written.replace(",", " ").split():
+            assert path.startswith("results/exp1/"), (job["rule"], path)
+
+
+def test_a_changed_setting_reruns_what_depends_on_it(tmp_path):
+    """Snakemake's params trigger: the tables carry the config digest, the stages their settings."""
+    from peagle.config import load_config
+
+    overlay = tmp_path / "k.yaml"
+    overlay.write_text(yaml.safe_dump({"table9": {"k": 3}}))
+    jobs = plan("--configfile", str(overlay))
+    base = load_config(ROOT / "config" / "tiny.yaml")
+    changed = load_config(ROOT / "config" / "tiny.yaml", overlay)
+    assert base.digest() != changed.digest()
+    t9 = next(j for j in jobs if j["rule"] == "table9")
+    assert "k3.json" in t9["shell"]
 
 
 # --------------------------------------------------------------------------- refused at parse time
@@ -237,8 +301,8 @@ def test_smoke_run_of_the_whole_dag(tmp_path):
     """The real DAG (`all`) at minimal sizes (tests/fixtures/smoke.yaml) in a scratch working directory.
 
     `configfile:` resolves config/tiny.yaml against the working directory (hence the copy);
-    --configfile resolves against the caller's cwd. Running in the repository itself would
-    overwrite paper_tables/.
+    --configfile resolves against the caller's cwd. The overlay's results_dir (results/smoke) takes
+    everything, tables included: nothing lands in paper_tables/.
     """
     shutil.copytree(ROOT / "config", tmp_path / "config")
     cmd = [SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--cores", "2",
@@ -247,7 +311,9 @@ def test_smoke_run_of_the_whole_dag(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
     smoke = load_config(ROOT / "config" / "tiny.yaml", ROOT / "tests" / "fixtures" / "smoke.yaml")
-    tables = tmp_path / "paper_tables"
+    assert not (tmp_path / "paper_tables").exists() and not (tmp_path / "logs").exists()
+    tables = tmp_path / smoke.tables_path
+    assert smoke.tables_path == "results/smoke/paper_tables"
     table = (tables / "table1.csv").read_text().splitlines()
     assert table[0] == "method,layers," + ",".join(f"ctx={c}" for c in smoke.table1.contexts)
     rows = {r.split(",")[0]: r.split(",")[1:] for r in table[1:]}
@@ -257,18 +323,43 @@ def test_smoke_run_of_the_whole_dag(tmp_path):
 
     prov = yaml.safe_load((tables / "table1.provenance.json").read_text())
     assert prov["profile"] == "tiny" and prov["config"]["results_dir"] == "results/smoke"
+    assert prov["config_digest"] == smoke.digest() and prov["commit"] and prov["machine"]["cpus"]
     assert all(all(c["equal"] for c in cell["lossless_checks"]) for cell in prov["cells"].values())
     assert len(prov["wall_times_s"]) >= 2 * len(smoke.table1.contexts)
     for stage in ("data", "target", "respond", "extract"):
-        assert list((tmp_path / "benchmarks").rglob(f"*{stage}*")), f"no benchmark for {stage}"
+        assert list((tmp_path / "results/smoke/benchmarks").rglob(f"*{stage}*")), f"no benchmark for {stage}"
 
     t9 = (tables / "table9.csv").read_text().splitlines()
     assert len(t9) == 1 + len(smoke.targets) * len(smoke.table9.eval_sets)
     assert {line.split(",")[1] for line in t9[1:]} == {"llama", "qwen3_moe"}
     cost = (tables / "drafting_cost.csv").read_text().splitlines()
     assert len(cost) == 1 + len(smoke.targets) * len(smoke.drafting_cost.methods) * len(smoke.drafting_cost.ks)
+    cost_prov = yaml.safe_load((tables / "drafting_cost.provenance.json").read_text())
+    assert cost_prov["config_digest"] == smoke.digest()
+    for fig in ("fig1_lengths", "fig3_mask", "fig4_partition"):
+        assert (tables / "figures" / f"{fig}.png").stat().st_size > 0
     report = (tables / "comparison.md").read_text()
-    assert "Table 1" in report and "Table 9" in report
+    assert "Table 1" in report and "Table 9" in report and "-> current" in report
     # A finished DAG has nothing left to do.
     again = subprocess.run(cmd + ["--dry-run"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+    # One HTML file shows the run: every table and figure marked with report().
+    html = tmp_path / "report.html"
+    rep = subprocess.run(cmd + ["--report", str(html)], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert rep.returncode == 0, rep.stdout[-3000:] + rep.stderr[-3000:]
+    text = html.read_text(errors="replace")
+    for name in ("table1.csv", "table9.csv", "drafting_cost.csv", "comparison.md", "fig1_lengths.png",
+                 "fig3_mask.png"):
+        assert name in text, name
+
+    # Recording the run: the baselines, their manifest, and a comparison that finds them current.
+    from peagle.record import record_run
+
+    recorded = tmp_path / "recorded"
+    manifest = record_run(smoke, tables, tmp_path / "results/smoke/benchmarks", recorded,
+                          ["config/tiny.yaml", "tests/fixtures/smoke.yaml"], wall_s=1.0)
+    assert manifest["config_digest"] == smoke.digest() and manifest["stage_times_s"]["train"]["jobs"] >= 4
+    assert {"table1.csv", "table9.csv", "drafting_cost.csv", "figures/fig1_lengths.png"} <= set(manifest["files"])
+    assert "-> current" in (recorded / "comparison.md").read_text()

@@ -14,7 +14,6 @@ the device, so the intervals hold the device work on GPUs too.
 
 from __future__ import annotations
 
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,6 @@ import pandas as pd
 import torch
 
 from peagle.config import Config
-from peagle.io import atomic_write_json, atomic_write_text
 
 COLUMNS = ["target_name", "method", "drafter_layers", "k", "prompts", "rounds", "draft_ms_per_round",
            "verify_ms_per_round", "acceptance_length", "new_tokens", "wall_s", "output_tokens_per_s",
@@ -140,35 +138,25 @@ def write_drafting_cost(
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> pd.DataFrame:
     """Run :func:`drafting_cost`; write ``out`` (CSV) and ``out``'s ``.provenance.json`` atomically."""
-    from peagle.tables import git_commit
+    from peagle.provenance import write_table
     from peagle.target import read_target_json
 
     df = drafting_cost(cfg, target_json, drafter_dirs, prompts_path, ks, n_prompts, max_new_tokens,
                        progress=progress, log=log)
-    out = Path(out)
-    atomic_write_text(out, df.to_csv(index=False))
     info = read_target_json(target_json)
-    provenance = {
-        "table": "drafting_cost",
-        "profile": cfg.profile,
-        "what": "engine drafting and verification time per round and output tokens/s at concurrency 1, "
-                "per drafter and K (CPU counterpart of the paper's Table 10)",
-        "method": "one untimed warm-up request per (drafter, K), then the first n_prompts prompts one at a "
-                  "time; draft/verify times are perf_counter intervals around the proposer and the "
-                  "target's verification pass (DecodeStats.draft_s / verify_s), per round",
-        "commit": git_commit(),
-        "config_files": config_files,
-        "config": cfg.to_dict(),
-        "setting": {"ks": [int(k) for k in ks], "n_prompts": n_prompts, "max_new_tokens": max_new_tokens,
-                    "prompts": str(prompts_path), "concurrency": 1, "temperature": 0},
-        "target": {"json": str(target_json), **{k: info.get(k) for k in (
+    write_table(
+        df, out, table="drafting_cost", cfg=cfg, config_files=config_files,
+        what="engine drafting and verification time per round and output tokens/s at concurrency 1, "
+             "per drafter and K (CPU counterpart of the paper's Table 10)",
+        method="one untimed warm-up request per (drafter, K), then the first n_prompts prompts one at a "
+               "time; draft/verify times are perf_counter intervals around the proposer and the "
+               "target's verification pass (DecodeStats.draft_s / verify_s), per round",
+        setting={"ks": [int(k) for k in ks], "n_prompts": n_prompts, "max_new_tokens": max_new_tokens,
+                 "prompts": str(prompts_path), "concurrency": 1, "temperature": 0},
+        target={"json": str(target_json), **{k: info.get(k) for k in (
             "path", "kind", "name", "architecture", "num_layers", "hidden_size", "vocab_size", "aux_layer_ids")}},
-        "drafters": [str(d) for d in drafter_dirs],
-        "drafters_skipped": df.attrs.get("skipped", {}),
-        "runtime": {"device": cfg.runtime.device, "dtype": cfg.runtime.dtype,
-                    "torch_threads": torch.get_num_threads()},
-        "host": {"machine": platform.machine(), "processor": platform.processor(),
-                 "python": platform.python_version(), "torch": torch.__version__},
-    }
-    atomic_write_json(out.with_suffix(".provenance.json"), provenance)
+        drafters=[str(d) for d in drafter_dirs],
+        drafters_skipped=df.attrs.get("skipped", {}),
+        runtime={"device": cfg.runtime.device, "dtype": cfg.runtime.dtype, "torch_threads": torch.get_num_threads()},
+    )
     return df

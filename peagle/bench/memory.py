@@ -181,8 +181,8 @@ def run_sweep(cfg, out: str | Path, *, config_files: list[str], device: str | No
     import torch
 
     from peagle.bench.common import available_strategies
-    from peagle.io import atomic_write_json, atomic_write_text
-    from peagle.tables import git_commit
+    from peagle.io import atomic_write_text
+    from peagle.provenance import write_table
 
     sc = cfg.scaling
     device = device or cfg.runtime.device
@@ -214,9 +214,7 @@ def run_sweep(cfg, out: str | Path, *, config_files: list[str], device: str | No
         rows.append(row)
         df = _frame(rows)
         atomic_write_text(out, df.to_csv(index=False))
-    provenance = {
-        "table": "memory_scaling",
-        "profile": cfg.profile,
+    write_table(df, out, table="memory_scaling", cfg=cfg, config_files=list(config_files), **{
         "what": "peak training memory and step time vs context length (S = 1) and vs partitions S",
         "method": {
             "isolation": "one subprocess per configuration (python -m peagle.bench.memory --child SPEC)",
@@ -231,15 +229,10 @@ def run_sweep(cfg, out: str | Path, *, config_files: list[str], device: str | No
         },
         "strategies_skipped": missing,
         "partitions_available": with_partitions,
-        "commit": git_commit(),
-        "config_files": list(config_files),
-        "config": cfg.to_dict(),
-        "seeds": {"train": cfg.train.seed},
         "started": started,
         "host": {"machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
                  "threads": cfg.runtime.threads},
-    }
-    atomic_write_json(out.with_suffix(".provenance.json"), provenance)
+    })
     if figure:
         plot(df, Path(figure))
     return df

@@ -51,7 +51,6 @@ import torch
 
 from peagle.bench.common import available_strategies, bench_drafter, sync, timed
 from peagle.config import Config
-from peagle.io import atomic_write_json, atomic_write_text
 
 REFERENCE = "amortized"  # ratios are relative to P-EAGLE's amortized path
 EAGLE3_LABEL = "EAGLE-3 (training-time test, no mask)"
@@ -387,16 +386,12 @@ def write_table2(cfg: Config, target_json: str | Path, hidden_dir: str | Path, o
                  paths: Sequence[str] | None = None) -> pd.DataFrame:
     """Run the measurements (``paths``: default all of :data:`ROWS`) and write ``out`` (CSV) and its
     ``.provenance.json`` sidecar."""
-    from peagle.tables import git_commit
+    from peagle.provenance import write_table
 
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     t0 = time.perf_counter()
     df, details = run_table2(cfg, target_json, hidden_dir, log=log, paths=paths)
-    out = Path(out)
-    atomic_write_text(out, df.to_csv(index=False))
     provenance = {
-        "table": "table2",
-        "profile": cfg.profile,
         "what": ("training overhead: data-loading time for the configured number of examples, and time for "
                  "one epoch of the training set, per data path (EAGLE-3's training-time test; the PARD-style "
                  "and P-EAGLE mask strategies); ratios vs P-EAGLE's amortized path"),
@@ -419,14 +414,10 @@ def write_table2(cfg: Config, target_json: str | Path, hidden_dir: str | Path, o
                        "(methods.eagle3 layers, parallel=False, frozen embeddings; see setting.eagle3)",
         },
         "paper_setting": "2048 tokens, K=8, 128 examples; epoch on 8xH200 (hours)",
-        "commit": git_commit(),
-        "config_files": config_files,
-        "config": cfg.to_dict(),
-        "seeds": {"global": cfg.seed, "train": cfg.train.seed,
-                  "cod_example_i": "train.seed * 1000003 + i", "drafter_init": cfg.train.seed},
+        "example_seeds": {"cod_example_i": "train.seed * 1000003 + i", "drafter_init": cfg.train.seed},
         "started": started,
         "wall_s": time.perf_counter() - t0,
         **details,
     }
-    atomic_write_json(out.with_suffix(".provenance.json"), provenance)
+    write_table(df, out, table="table2", cfg=cfg, config_files=config_files, **provenance)
     return df

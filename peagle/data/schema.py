@@ -119,7 +119,8 @@ def _validate_fields(
 def read_prompts(path: str | os.PathLike[str], *, expect_role: str | None = None) -> list[PromptRecord]:
     """Read a prompt JSONL file strictly.
 
-    Blank lines are skipped. Errors (:class:`SchemaError`) name the file, line number and field.
+    Blank lines are skipped; a file with no records is an error. Errors (:class:`SchemaError`)
+    name the file, line number and field.
     With ``expect_role`` every record must carry that role (an eval file holding training prompts
     would silently measure the wrong thing).
     """
@@ -155,6 +156,12 @@ def read_prompts(path: str | os.PathLike[str], *, expect_role: str | None = None
                 )
             first_line_of[rec.id] = lineno
             records.append(rec)
+    if not records:
+        # An empty set would only fail later (a mean over no prompts is nan in the results JSON).
+        raise SchemaError(
+            f"{path}: no prompts (empty file); re-run the data rule (`python -m peagle data`) or point "
+            "the stage at a non-empty prompt file"
+        )
     return records
 
 

@@ -109,8 +109,18 @@ validate(config, "../schemas/config.schema.yaml", set_default=False)
 
 PROFILE = CFG.profile
 R = CFG.results_dir.rstrip("/")
-LOGS = f"logs/{PROFILE}"
-BENCH = f"benchmarks/{PROFILE}"
+# Everything a run writes is under its results_dir, except the tables: paper_tables/ for the
+# profile's own results_dir, else <results_dir>/paper_tables (peagle.config.Config.tables_path).
+# None of it is committed; recorded baselines live in results/recorded/<profile>/ (peagle record).
+LOGS = f"{R}/logs"
+BENCH = f"{R}/benchmarks"
+TABLES_DIR = CFG.tables_path
+FIGURES_DIR = f"{TABLES_DIR}/figures"
+RECORDED_DIR = f"results/recorded/{PROFILE}"
+# The digest of every setting that can change a number (peagle.config.config_digest): a param of
+# each table rule, so a changed setting or another profile rewrites the tables (Snakemake's params
+# trigger) and each table records it.
+CONFIG_DIGEST = CFG.digest()
 
 DATA_FILES = {
     "train": f"{R}/data/train.jsonl",
@@ -131,7 +141,6 @@ DRAFTER_SUMMARY = f"{DRAFTER_DIR}/summary.json"
 EVAL_JSON = f"{R}/eval/{{target}}/{{method}}_ctx{{ctx}}/{{evalset}}_k{{k}}.json"
 TRAIN_BENCH = f"{BENCH}/train/{{target}}/{{method}}_ctx{{ctx}}.tsv"
 EVAL_BENCH = f"{BENCH}/evaluate/{{target}}/{{method}}_ctx{{ctx}}/{{evalset}}_k{{k}}.tsv"
-TABLES_DIR = "paper_tables"
 TABLE1_CSV = f"{TABLES_DIR}/table1.csv"
 TABLE1_PROVENANCE = f"{TABLES_DIR}/table1.provenance.json"
 TABLE9_CSV = f"{TABLES_DIR}/table9.csv"
@@ -233,3 +242,41 @@ GPU_RESOURCES = {"gpu": 1} if CFG.runtime.device.startswith("cuda") else {}
 # (envs/core.yaml) provides python instead.
 if DeploymentMethod.CONDA not in (workflow.deployment_settings.deployment_method or ()):
     shell.prefix(f'export PATH={shlex.quote(os.path.dirname(sys.executable))}:"$PATH"; ')
+
+
+# --------------------------------------------------------------------------- your own drafter (compare.smk)
+
+
+def compare_spec(wildcards):
+    """compare/{name}.yaml -> {"drafter": PATH, "target": NAME}, checked at parse time."""
+    import yaml
+
+    path = f"compare/{wildcards.name}.yaml"
+    try:
+        with open(path) as f:
+            spec = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise WorkflowError(f"{path}: missing; write it (see compare/example.yaml)") from None
+    except yaml.YAMLError as err:
+        raise WorkflowError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(spec, dict) or not spec.get("drafter"):
+        raise WorkflowError(f"{path}: no 'drafter' key; set `drafter: PATH` to your drafter checkpoint directory")
+    unknown = sorted(set(spec) - {"drafter", "target"})
+    if unknown:
+        raise WorkflowError(f"{path}: unknown keys {unknown}; expected drafter (required) and target")
+    target = spec.get("target") or CFG.target.name
+    if target not in TARGET_NAMES:
+        raise WorkflowError(f"{path}: target {target!r} is not one of the profile's targets {TARGET_NAMES}")
+    return {"drafter": str(spec["drafter"]), "target": target}
+
+
+def compare_drafter_input(wildcards):
+    """The drafter as a DAG input: a drafter this run trains (R/drafters/T/M_ctxN[/final]) is made
+    first, through its summary.json; any other directory must exist."""
+    import re
+
+    drafter = compare_spec(wildcards)["drafter"].rstrip("/")
+    m = re.fullmatch(rf"{re.escape(R)}/drafters/([^/]+)/([a-z0-9]+)_ctx(\d+)(/final)?", drafter)
+    if m:
+        return DRAFTER_SUMMARY.format(target=m.group(1), method=m.group(2), ctx=m.group(3))
+    return drafter

@@ -1,14 +1,14 @@
 # Training-overhead and memory results: paper Table 2, Figs. 3-4, and the memory-scaling sweep.
 # Each writes a provenance sidecar beside its table (*.provenance.json, written by the CLI).
 
-TABLE2_CSV = "paper_tables/table2.csv"
-TABLE2_PROVENANCE = "paper_tables/table2.provenance.json"
-FIGURES_DIR = "paper_tables/figures"
-FIG3 = expand(f"{FIGURES_DIR}/fig3_mask.{{ext}}", ext=["png", "pdf"])
-FIG4 = expand(f"{FIGURES_DIR}/fig4_partition.{{ext}}", ext=["png", "pdf"])
-MEMORY_CSV = "paper_tables/memory_scaling.csv"
-MEMORY_PROVENANCE = "paper_tables/memory_scaling.provenance.json"
-MEMORY_FIG = expand(f"{FIGURES_DIR}/memory_scaling.{{ext}}", ext=["png", "pdf"])
+TABLE2_CSV = f"{TABLES_DIR}/table2.csv"
+TABLE2_PROVENANCE = f"{TABLES_DIR}/table2.provenance.json"
+# Figures are written as PNG (shown in `snakemake --report`) and PDF.
+FIG3 = f"{FIGURES_DIR}/fig3_mask"
+FIG4 = f"{FIGURES_DIR}/fig4_partition"
+MEMORY_CSV = f"{TABLES_DIR}/memory_scaling.csv"
+MEMORY_PROVENANCE = f"{TABLES_DIR}/memory_scaling.provenance.json"
+MEMORY_FIG = f"{FIGURES_DIR}/memory_scaling"
 
 
 rule table2:
@@ -16,10 +16,11 @@ rule table2:
         target=for_target(TARGET_JSON, CFG.table1_target),
         hidden=for_target(HIDDEN_MANIFEST, CFG.table1_target),
     output:
-        table=TABLE2_CSV,
+        table=report(TABLE2_CSV, caption="../report/table2.rst", category="Tables"),
         provenance=TABLE2_PROVENANCE,
     params:
         config=CONFIG_ARGS,
+        digest=CONFIG_DIGEST,
         settings=settings("seed", "scaling", "train", "drafter", "methods", "runtime"),
         hidden_dir=lambda wildcards, input: os.path.dirname(input.hidden),
     log:
@@ -38,12 +39,15 @@ rule table2:
 
 rule figures:
     output:
-        fig3=FIG3,
-        fig4=FIG4,
+        fig3=report(f"{FIG3}.png", caption="../report/fig3.rst", category="Figures"),
+        fig3_pdf=f"{FIG3}.pdf",
+        fig4=report(f"{FIG4}.png", caption="../report/fig4.rst", category="Figures"),
+        fig4_pdf=f"{FIG4}.pdf",
     params:
         config=CONFIG_ARGS,
+        digest=CONFIG_DIGEST,
         settings=settings("scaling.fig4_segments"),
-        out_dir=lambda wildcards, output: os.path.dirname(output.fig3[0]),
+        out_dir=lambda wildcards, output: os.path.dirname(output.fig3),
     log:
         f"{LOGS}/figures.log",
     benchmark:
@@ -57,11 +61,13 @@ rule figures:
 
 rule memory_scaling:
     output:
-        table=MEMORY_CSV,
+        table=report(MEMORY_CSV, caption="../report/memory_scaling.rst", category="Tables"),
         provenance=MEMORY_PROVENANCE,
-        figure=MEMORY_FIG,
+        figure=report(f"{MEMORY_FIG}.png", caption="../report/memory_scaling.rst", category="Figures"),
+        figure_pdf=f"{MEMORY_FIG}.pdf",
     params:
         config=CONFIG_ARGS,
+        digest=CONFIG_DIGEST,
         settings=settings("seed", "scaling", "train", "drafter", "target.hidden_size", "target.vocab_size", "runtime"),
     log:
         f"{LOGS}/memory_scaling.log",
@@ -73,24 +79,27 @@ rule memory_scaling:
     conda:
         "../../envs/core.yaml"
     shell:
-        "python -m peagle memory-scaling {params.config} --out {output.table} --figure {output.figure[0]}"
+        "python -m peagle memory-scaling {params.config} --out {output.table} --figure {output.figure}"
         " > {log} 2>&1"
 
 
 # Paper Fig. 1: length distribution (prompt + response, target tokens) of the main target's
 # regenerated training data, with median/P90/P99 and the same numbers in a CSV.
-FIG1 = expand(f"{FIGURES_DIR}/fig1_lengths.{{ext}}", ext=["png", "pdf", "csv"])
+FIG1 = f"{FIGURES_DIR}/fig1_lengths"
 
 
 rule fig1:
     input:
         responses=for_target(RESPONSES, CFG.table1_target),
     output:
-        fig=FIG1,
+        fig=report(f"{FIG1}.png", caption="../report/fig1.rst", category="Figures"),
+        pdf=f"{FIG1}.pdf",
+        csv=f"{FIG1}.csv",
     params:
         config=CONFIG_ARGS,
+        digest=CONFIG_DIGEST,
         settings=settings("table1.contexts"),
-        out=lambda wildcards, output: os.path.splitext(output.fig[0])[0],
+        out=lambda wildcards, output: os.path.splitext(output.fig)[0],
         name=CFG.table1_target,
     log:
         f"{LOGS}/fig1.log",

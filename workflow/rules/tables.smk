@@ -1,5 +1,7 @@
 # Paper tables. One path per table whichever profile fills it; each CLI writes a provenance
-# sidecar (*.provenance.json) with the profile, config files, inputs and measured wall times.
+# sidecar (*.provenance.json, peagle.provenance.write_table) with the profile, config digest,
+# commit, machine, inputs and measured wall times. `digest` (CONFIG_DIGEST) is a param of every
+# table rule: another profile or a changed setting rewrites the table.
 
 
 rule table1:
@@ -11,10 +13,11 @@ rule table1:
         eval_benchmarks=expand(EVAL_BENCH, **TABLE1_CELLS),
         stage_benchmarks=stage_benchmarks(CFG.table1_target),
     output:
-        table=TABLE1_CSV,
+        table=report(TABLE1_CSV, caption="../report/table1.rst", category="Tables"),
         provenance=TABLE1_PROVENANCE,
     params:
         config=CONFIG_ARGS,
+        digest=CONFIG_DIGEST,
         settings=settings("profile", "results_dir", "table1", "train.memory_budget_mb", "train.time_budget_s_per_epoch"),
     log:
         f"{LOGS}/table1.log",
@@ -32,10 +35,11 @@ rule table9:
     input:
         evals=expand(EVAL_JSON, **TABLE9_CELLS),
     output:
-        table=TABLE9_CSV,
+        table=report(TABLE9_CSV, caption="../report/table9.rst", category="Tables"),
         provenance=TABLE9_PROVENANCE,
     params:
         config=CONFIG_ARGS,
+        digest=CONFIG_DIGEST,
         settings=settings("profile", "results_dir", "table9"),
     log:
         f"{LOGS}/table9.log",
@@ -80,13 +84,15 @@ rule drafting_cost:
     input:
         expand(f"{R}/drafting_cost/{{target}}.csv", target=CFG.table9_targets),
     output:
-        table=DRAFTING_COST_CSV,
+        table=report(DRAFTING_COST_CSV, caption="../report/drafting_cost.rst", category="Tables"),
+    params:
+        digest=CONFIG_DIGEST,
     log:
         f"{LOGS}/drafting_cost.log",
     conda:
         "../../envs/core.yaml"
     shell:
-        "python -m peagle concat-csv {input} --out {output.table} > {log} 2>&1"
+        "python -m peagle concat-csv {input} --table drafting_cost --out {output.table} > {log} 2>&1"
 
 
 # Our tables beside the paper's recorded numbers, with a verdict on the qualitative shape.
@@ -97,12 +103,14 @@ rule compare:
         TABLE9_CSV,
         DRAFTING_COST_CSV,
     output:
-        report=COMPARISON,
+        report=report(COMPARISON, caption="../report/comparison.rst", category="Comparison with the paper"),
     params:
+        config=CONFIG_ARGS,
+        digest=CONFIG_DIGEST,
         tables_dir=lambda wildcards, output: os.path.dirname(output.report),
     log:
         f"{LOGS}/compare.log",
     conda:
         "../../envs/core.yaml"
     shell:
-        "python -m peagle compare --tables-dir {params.tables_dir} --out {output.report} > {log} 2>&1"
+        "python -m peagle compare {params.config} --tables-dir {params.tables_dir} --out {output.report} > {log} 2>&1"

@@ -107,10 +107,11 @@ rule table10:
     input:
         results=TABLE10_RESULTS,
     output:
-        table=TABLE10_CSV,
+        table=report(TABLE10_CSV, caption="../report/table10.rst", category="Tables"),
         provenance=TABLE10_PROVENANCE,
     params:
         config=CONFIG_ARGS,
+        digest=CONFIG_DIGEST,
         settings=settings("profile", "results_dir", "table10", "vllm.concurrency"),
     log:
         f"{LOGS}/table10.log",
@@ -124,7 +125,7 @@ rule vllm_crosscheck:
     input:
         results=expand(VLLM_EVAL, **TABLE9_CELLS),
     output:
-        table=VLLM_CROSSCHECK_CSV,
+        table=report(VLLM_CROSSCHECK_CSV, caption="../report/vllm_crosscheck.rst", category="Tables"),
     log:
         f"{LOGS}/vllm_crosscheck.log",
     conda:
