@@ -68,10 +68,12 @@ def _engine_al(drafter, runner, prompts: list[list[int]], k: int = 3, n_new: int
     return total.acceptance_length
 
 
-def build(out: Path, architecture: str = "llama") -> dict[str, Path]:
+def build(out: Path, architecture: str = "llama", sliding_window: int = 8, peagle_layers: int = 2) -> dict[str, Path]:
     """Write target{,_const}/ (+ target.json), {peagle,eagle3}{,_half,_const}/, eval_mt_bench.jsonl.
 
-    ``architecture``: the target's HF model type (``llama``, or ``qwen3_moe``: 8 experts, 2 active).
+    ``architecture``: the target's HF model type (``llama``; ``qwen3_moe``: 8 experts, 2 active;
+    ``gpt_oss``: sliding-window attention of ``sliding_window`` tokens on even layers, full on odd
+    ones, attention sinks, 8 experts, 2 active). ``peagle_layers``: decoder layers of the P-EAGLE drafters.
     """
     import copy
 
@@ -87,7 +89,8 @@ def build(out: Path, architecture: str = "llama") -> dict[str, Path]:
     tok = train_tokenizer(corpus(), vocab_size=512)
     arch = TinyTargetConfig(hidden_size=128, num_layers=4, num_heads=2, num_kv_heads=2, intermediate_size=256,
                             max_position_embeddings=1024, seed=0, initializer_range=0.1, architecture=architecture,
-                            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64)
+                            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                            sliding_window=sliding_window)
     target = build_tiny_target(arch, tok)
     target_const = copy.deepcopy(target)
     with torch.no_grad():
@@ -110,7 +113,7 @@ def build(out: Path, architecture: str = "llama") -> dict[str, Path]:
                 mask_token_id=tok.mask_token_id, aux_layer_ids=[1, 2, 3], mask_hidden_init_std=0.05)
     runner = TargetRunner(target_const, [1, 2, 3])
     probe = [render_prompt_ids(tok, t) for t in PROMPTS[:3]]
-    for name, layers, parallel in (("peagle", 2, True), ("eagle3", 1, False)):
+    for name, layers, parallel in (("peagle", peagle_layers, True), ("eagle3", 1, False)):
         spec = DrafterSpec(**base, num_layers=layers, parallel=parallel)
         meta = {"method": name, "ctx": 256, "parallel": parallel, "k_train": K_TRAIN if parallel else None}
         model = build_drafter(spec, seed=2)
