@@ -305,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peagle", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
+    def add_profile(sp, what):
+        # Optional here (unlike the stages' --config): these commands default to the tiny profile.
+        sp.add_argument("--config", action="append", help=f"profile YAML (+ overlays) {what} (default {DEFAULT_PROFILE})")
+
     def add(name, fn, help_):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--config", action="append", required=True,
@@ -411,8 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("compare", help="tables beside the paper's numbers, with verdicts and staleness "
                         "(default: the profile's recorded baselines)")
     sp.set_defaults(fn=cmd_compare)
-    sp.add_argument("--config", action="append",
-                    help=f"profile YAML (+ overlays) whose digest decides what is stale (default {DEFAULT_PROFILE})")
+    add_profile(sp, "whose digest decides what is stale")
     sp.add_argument("--tables-dir", help="tables to compare (default: results/recorded/<profile>)")
     sp.add_argument("--out", help="also write the report here")
     sp = add("compare-drafter", cmd_compare_drafter,
@@ -430,8 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("record", help="keep a finished run's tables as the profile's recorded baselines "
                         "(results/recorded/<profile>/, with a manifest)")
     sp.set_defaults(fn=cmd_record)
-    sp.add_argument("--config", action="append",
-                    help=f"the profile YAML (+ overlays) the run used (default {DEFAULT_PROFILE})")
+    add_profile(sp, "the run used")
     sp.add_argument("--tables-dir", help="the run's tables (default: the profile's tables directory)")
     sp.add_argument("--benchmarks-dir", help="the run's Snakemake benchmarks (default: <results_dir>/benchmarks)")
     sp.add_argument("--out", help="default: results/recorded/<profile>")

@@ -26,6 +26,7 @@ from peagle.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, drafte
 from peagle.config import Config
 from peagle.evaluate import EvaluationError, training_outcome
 from peagle.io import atomic_path, atomic_write_text, read_json, sha256_file
+from peagle.provenance import read_provenance, sidecar
 
 Log = Callable[[str], None]
 METHODS = {"eagle3": "EAGLE-3", "peagle": "P-EAGLE"}
@@ -145,10 +146,11 @@ def read_recorded(recorded_dir: str | Path, cfg: Config, target: str) -> dict[st
     out["manifest"] = manifest
     digests = {"manifest.json": manifest.get("config_digest")}
 
-    t9, prov9 = root / "table9.csv", root / "table9.provenance.json"
-    if t9.exists() and prov9.exists():
-        prov = read_json(prov9)
-        digests["table9.provenance.json"] = prov.get("config_digest")
+    t9 = root / "table9.csv"
+    prov9 = sidecar(t9)
+    prov = read_provenance(t9) if t9.exists() else None
+    if prov is not None:
+        digests[prov9.name] = prov.get("config_digest")
         for key, cell in (prov.get("cells") or {}).items():
             t, s, m = (key.split("/") + ["", "", ""])[:3]
             if t != target or (cell.get("status") or "ok") != "ok":
@@ -169,9 +171,9 @@ def read_recorded(recorded_dir: str | Path, cfg: Config, target: str) -> dict[st
     dc = root / "drafting_cost.csv"
     if dc.exists():
         df = pd.read_csv(dc)
-        prov_dc = root / "drafting_cost.provenance.json"
-        if prov_dc.exists():
-            digests["drafting_cost.provenance.json"] = read_json(prov_dc).get("config_digest")
+        prov_dc = read_provenance(dc)
+        if prov_dc is not None:
+            digests[sidecar(dc).name] = prov_dc.get("config_digest")
         for r in df[df["target_name"].astype(str) == target].to_dict("records"):
             out["sweep"][(str(r["method"]), int(r["k"]))] = {
                 "acceptance_length": _num(r.get("acceptance_length")), "per_position_acceptance": None,

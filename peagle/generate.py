@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from peagle.io import atomic_path
-from peagle.target import _record_field, eos_token_ids, render_prompt_ids
+from peagle.target import eos_token_ids, render_prompt_ids
+from peagle.target.chat import _record_field
 
 # The name other modules use for "chat-template one user turn with the generation prompt".
 render_prompt = render_prompt_ids

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from peagle.io import atomic_path, atomic_write_json, sha256_file
-from peagle.target import _parse_dtype, validate_aux_layer_ids
+from peagle.target import validate_aux_layer_ids
+from peagle.target.hf import _parse_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from peagle.config import Config
+from peagle.io import read_json
 from peagle.provenance import read_benchmark, read_provenance, write_table
 
 PAPER_NUMBERS = Path(__file__).parent / "resources" / "paper_numbers.csv"
@@ -30,12 +31,7 @@ def paper_numbers() -> pd.DataFrame:
 
 
 def _load_eval(path: str | Path) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise TableError(f"{path}: evaluation result missing; run the evaluate rule") from None
-    except json.JSONDecodeError as err:
-        raise TableError(f"{path}: not valid JSON ({err}); delete it and re-run the evaluate rule") from None
+    return read_json(path, TableError, "evaluation result missing", fix="re-run the evaluate rule")
 
 
 def cell_value(res: dict[str, Any]) -> float | str:

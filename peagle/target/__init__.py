@@ -19,15 +19,13 @@ Heavy libraries (torch, transformers, tokenizers) are imported inside functions 
 this package (e.g. for the CLI's ``--help``) stays cheap.
 """
 
-from peagle.target.chat import (DEFAULT_CHAT_DATE, _record_field, render_prompt_ids,
-                                render_training_example)
-from peagle.target.hf import (DevicePlan, _parse_dtype, check_hf_target, check_quantization, eos_token_ids,
+from peagle.target.chat import DEFAULT_CHAT_DATE, render_prompt_ids, render_training_example
+from peagle.target.hf import (DevicePlan, check_hf_target, check_quantization, eos_token_ids,
                               load_target, plan_device_map, read_embedding_tensors,
                               resolve_attn_implementation, resolve_hf_target)
 from peagle.target.info import (TARGET_JSON_FORMAT, default_aux_layer_ids, read_target_json,
                                 resolve_model_path, validate_aux_layer_ids, write_target_json)
-from peagle.target.pretrain import (_lr_lambda, _to_token_sequences, count_parameters,
-                                    evaluate_next_token_accuracy, pack_sequences,
+from peagle.target.pretrain import (count_parameters, evaluate_next_token_accuracy, pack_sequences,
                                     pretrain_tiny_target, save_target_model)
 from peagle.target.tiny import VLLM_CPU_HEAD_SIZES, TinyTargetConfig, build_tiny_target, make_tiny_target
 from peagle.target.tokenizer import (ASSISTANT_TOKEN, BOS_TOKEN, CHAT_TEMPLATE, EOS_TOKEN, MASK_TOKEN,
