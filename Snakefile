@@ -32,6 +32,7 @@ report: "workflow/report/workflow.rst"
 wildcard_constraints:
     method=r"[a-z0-9]+",
     ctx=r"\d+",
+    seed=r"\d+",
     k=r"\d+",
     evalset=r"[a-z0-9_]+",
     target=r"[A-Za-z0-9][A-Za-z0-9.-]*",
@@ -68,6 +69,7 @@ rule all:
         TABLE9_CSV,
         TABLE9_PROVENANCE,
         DRAFTING_COST_CSV,
+        TARGET_QUALITY_CSV,
         COMPARISON,
         f"{FIG1}.png",
         f"{FIG3}.png",

@@ -123,10 +123,17 @@ def cmd_extract(args) -> None:
 
 def cmd_train(args) -> None:
     cfg = _config(args)
+    # One run, one seed (drafter init, COD sampling, data order): the run's config holds it alone.
+    seed = cfg.train.seeds[0] if args.seed is None else args.seed
+    cfg = cfg.for_seed(seed)
     _threads(cfg)
+    from peagle.io import atomic_write_json
     from peagle.train import train_drafter
 
     summary = train_drafter(cfg, args.target, args.hidden_dir, args.method, args.ctx, args.out_dir, log=_log)
+    if summary.get("seed") is None:  # an OOM / infeasible record: say which seed's run it measured
+        summary = {**summary, "seed": seed}
+        atomic_write_json(Path(args.out_dir) / "summary.json", summary)
     if summary.get("status") == "OOM":
         _log(f"OUT OF MEMORY under train.memory_budget_mb={summary['budget_mb']}: {summary['error']} "
              f"(recorded in {args.out_dir}/summary.json)")
@@ -141,7 +148,7 @@ def cmd_evaluate(args) -> None:
     from peagle.evaluate import evaluate_drafter
     from peagle.io import atomic_write_json
 
-    result = evaluate_drafter(cfg, args.target, args.drafter, args.prompts, args.k, log=_log)
+    result = evaluate_drafter(cfg, args.target, args.drafter, args.prompts, args.k, seed=args.seed, log=_log)
     atomic_write_json(args.out, result)
 
 
@@ -291,6 +298,29 @@ def cmd_compare_drafter(args) -> None:
     _log(f"report written to {out['paths']['md']} (+ {out['paths']['csv']}, {out['paths']['png']})")
 
 
+def cmd_target_quality(args) -> None:
+    cfg = _config(args)
+    _threads(cfg)
+    import pandas as pd
+
+    from peagle.provenance import write_table
+    from peagle.target.quality import target_quality_rows
+
+    sets = args.sets or list(cfg.eval.sets)
+    rows = []
+    for target in args.targets:
+        rows += target_quality_rows(target, args.data_dir, sets, n_prompts=args.n_prompts or cfg.eval.n_prompts,
+                                    max_new_tokens=cfg.respond.max_new_tokens,
+                                    batch_size=cfg.respond.batch_size, device=cfg.runtime.device,
+                                    dtype=cfg.runtime.dtype, log=_log)
+    df = pd.DataFrame(rows)
+    write_table(df, args.out, table="target_quality", cfg=cfg, config_files=args.config,
+                what="greedy responses of each target to held-out prompts: 4-gram repetition and cap rate "
+                     "beside the reference texts of the same role (pass: ratio <= 1.5, cap rate <= 10%)",
+                targets=args.targets, sets=sets)
+    print(df.to_string(index=False))
+
+
 def cmd_concat_csv(args) -> None:
     from peagle.tables import concat_csv
 
@@ -335,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--hidden-dir", required=True)
     sp.add_argument("--method", required=True)
     sp.add_argument("--ctx", type=int, required=True, help="training context length (tokens)")
+    sp.add_argument("--seed", type=int, help="this run's seed, one of train.seeds (default: the first)")
     sp.add_argument("--out-dir", required=True)
     sp = add("evaluate", cmd_evaluate, "acceptance length with the speculative-decoding engine")
     sp.add_argument("--target", required=True)
@@ -342,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a drafter checkpoint dir, or a training run dir (summary.json + final/)")
     sp.add_argument("--prompts", required=True)
     sp.add_argument("--k", type=int, required=True)
+    sp.add_argument("--seed", type=int, help="the drafter's training seed, recorded in the result (checked "
+                    "against the one its training recorded)")
     sp.add_argument("--out", required=True)
     sp = add("table1", cmd_table1, "paper Table 1: acceptance length vs training context length")
     sp.add_argument("--target", help="target.json, recorded in the provenance sidecar")
@@ -379,6 +412,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("table10", cmd_table10, "paper Table 10: vLLM output tokens/s, P-EAGLE at each K vs EAGLE-3 at its best K")
     sp.add_argument("--results", nargs="+", required=True, help="vllm-throughput JSONs")
     sp.add_argument("--out", required=True)
+    sp = add("target-quality", cmd_target_quality,
+             "does each target write text like its training data? repetition and cap rate on held-out prompts")
+    sp.add_argument("--targets", nargs="+", required=True, help="target.json files")
+    sp.add_argument("--data-dir", required=True, help="directory with eval_<set>.jsonl")
+    sp.add_argument("--sets", nargs="+", help="evaluation sets (default: eval.sets)")
+    sp.add_argument("--n-prompts", type=int, help="prompts per set (default: eval.n_prompts)")
+    sp.add_argument("--out", required=True, help="CSV (provenance sidecar written beside it)")
     sp = add("drafting-cost", cmd_drafting_cost,
              "engine drafting/verification ms per round and tokens/s vs K, one target (CPU Table 10)")
     sp.add_argument("--target", required=True, help="target.json")

@@ -233,9 +233,25 @@ class TrainConfig:
     loss_chunk_rows: int | None = 4096
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
-    seed: int = 0
+    # One training run per seed (drafter initialisation, COD sampling and data order; the data and
+    # the tiny target use the top-level ``seed``): each method x context cell of Tables 1 and 9 is
+    # the mean and standard deviation over these. The first one is the seed of the stages that use
+    # one drafter per cell (drafting cost, vLLM, compare-drafter) and of the benchmarks.
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+    @property
+    def seed(self) -> int:
+        """The seed of a run: the first of ``seeds`` (a training run's config holds its seed alone,
+        see :meth:`Config.for_seed`)."""
+        return self.seeds[0]
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.seeds, list) and len(self.seeds) >= 1, "train.seeds",
+               "must be a non-empty list of integers, e.g. [0] (one run per cell) or [0, 1, 2]")
+        _check(all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds), "train.seeds",
+               f"each seed must be an integer >= 0 (it names the drafter's directory, ..._s<seed>); got {self.seeds}")
+        dup = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+        _check(not dup, "train.seeds", f"seeds must be distinct; {dup} repeated in {self.seeds}")
         _check(self.k_train >= 1, "train.k_train", "must be >= 1")
         _check(0 < self.retention <= 1, "train.retention", "must be in (0, 1]")
         _check(0 <= self.retention_min <= 1, "train.retention_min", "must be in [0, 1]")
@@ -533,6 +549,17 @@ class Config:
             raise ConfigError(f"unknown method {name!r}; defined in methods: {', '.join(self.methods)}")
         return self.methods[name]
 
+    def for_seed(self, seed: int) -> Config:
+        """This config for one training run: ``train.seeds`` narrowed to ``[seed]``, one of them.
+
+        A training run reads its seed as ``train.seed`` (the first of ``train.seeds``); the train
+        stage gets the run's seed from the DAG (the drafter directory's ``_s<seed>``).
+        """
+        _check(seed in self.train.seeds, "train.seeds",
+               f"seed {seed} is not one of train.seeds {self.train.seeds}; add it there (e.g. in an overlay "
+               "like config/tiny-seeds.yaml) to train it")
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, seeds=[seed]))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -644,6 +671,11 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     raw = dict(raw)
+    train = raw.get("train")
+    if isinstance(train, dict) and "seed" in train:
+        raise ConfigError(f"train.seed: replaced by train.seeds, a list with one training run per seed; write "
+                          f"`seeds: [{train['seed']}]` under train (several seeds, e.g. config/tiny-seeds.yaml, "
+                          "give Tables 1 and 9 a spread)", key="train.seed")
     methods = raw.get("methods") or {}
     if not isinstance(methods, dict):
         raise ConfigError(f"methods: expected a mapping, got {type(methods).__name__}", key="methods")

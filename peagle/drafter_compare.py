@@ -151,8 +151,15 @@ def read_recorded(recorded_dir: str | Path, cfg: Config, target: str) -> dict[st
     prov = read_provenance(t9) if t9.exists() else None
     if prov is not None:
         digests[prov9.name] = prov.get("config_digest")
+        spread = prov.get("seed_spread") or {}
+        if (spread.get("n_seeds") or 1) > 1:
+            out["notes"].append(f"recorded Table 9 has {spread['n_seeds']} seeds per cell ({spread.get('seeds')}); "
+                                "the baselines here are the first seed's runs, as in the drafting-cost sweep "
+                                "(one drafter per method, no spread)")
         for key, cell in (prov.get("cells") or {}).items():
             t, s, m = (key.split("/") + ["", "", ""])[:3]
+            if "runs" in cell:  # one run per seed: the first seed's, as the drafting-cost sweep uses
+                cell = next(iter(cell["runs"].values()), {})
             if t != target or (cell.get("status") or "ok") != "ok":
                 continue
             rounds, draft_s = _num(cell.get("rounds")), _num(cell.get("draft_s"))

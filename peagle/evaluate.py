@@ -46,6 +46,16 @@ def training_outcome(drafter_dir: Path) -> tuple[Path, dict[str, Any] | None]:
     return drafter_dir / "final", summary
 
 
+def run_seed(summary: dict[str, Any] | None, seed: int | None, drafter_dir: Path) -> int | None:
+    """The training seed of a drafter: ``seed`` when given (checked against the recorded one), else the
+    one its training summary records (None when neither says)."""
+    recorded = (summary or {}).get("seed")
+    if seed is not None and recorded is not None and int(recorded) != int(seed):
+        raise EvaluationError(f"{drafter_dir}: trained with seed {recorded}, but evaluated as seed {seed}; "
+                              "re-run the train rule for this directory")
+    return seed if seed is not None else recorded
+
+
 def not_trained_result(summary: dict[str, Any], drafter_dir: Path, prompts_path: str | Path, k: int) -> dict[str, Any]:
     """The evaluation record of a cell whose training ended OOM or infeasible: the measurement."""
     return {
@@ -70,6 +80,7 @@ def evaluate_drafter(
     k: int,
     *,
     n_prompts: int | None = None,
+    seed: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> dict[str, Any]:
@@ -77,6 +88,8 @@ def evaluate_drafter(
 
     ``drafter_dir``: a checkpoint dir, or a training run dir (summary.json + final/). A run that
     ended OOM or infeasible gives a record with that status and the training measurement.
+    ``seed``: the drafter's training seed (the DAG's ``_s<seed>``), recorded as ``seed``; it must
+    agree with the seed its training recorded. None: that recorded seed (None if there is none).
     """
     from tqdm import tqdm
 
@@ -86,14 +99,17 @@ def evaluate_drafter(
     from peagle.target import load_target, render_prompt_ids
 
     drafter_dir, summary = training_outcome(Path(drafter_dir))
+    seed = run_seed(summary, seed, drafter_dir)
     if summary is not None and summary.get("status", "ok") != "ok":
         log(f"training ended {summary['status']}: recorded, nothing to decode")
-        return not_trained_result(summary, drafter_dir.parent, prompts_path, k)
+        return {**not_trained_result(summary, drafter_dir.parent, prompts_path, k), "seed": seed}
     torch.set_num_threads(cfg.runtime.threads)
     device, dtype = torch.device(cfg.runtime.device), getattr(torch, cfg.runtime.dtype)
     model, tokenizer, info = load_target(target_json, device=device, dtype=dtype)
     check_compatible(read_config(drafter_dir), info, k, drafter_dir)
     drafter, dcfg = load_drafter(drafter_dir, device=device, dtype=dtype)
+    if seed is None:
+        seed = dcfg["peagle"].get("seed")
 
     records = read_prompts(prompts_path)
     n_prompts = n_prompts if n_prompts is not None else cfg.eval.n_prompts
@@ -121,6 +137,7 @@ def evaluate_drafter(
         "drafter": str(drafter_dir),
         "method": dcfg["peagle"].get("method"),
         "ctx": dcfg["peagle"].get("ctx"),
+        "seed": seed,
         "drafter_layers": drafter.spec.num_layers,
         "target": info["path"],
         "target_name": info.get("name"),

@@ -81,12 +81,16 @@ def now() -> str:
 
 def base_provenance(table: str, what: str, cfg: Config | None = None,
                     config_files: list[str] | None = None) -> dict[str, Any]:
-    """The fields every sidecar has; ``cfg`` adds the profile, its digest, the config and the seeds."""
+    """The fields every sidecar has; ``cfg`` adds the profile, its digest, the config and the seeds.
+
+    ``seeds``: ``global`` (data, tiny target) and ``train`` (every training seed of the profile,
+    ``train.seeds``; a table made from one drafter per cell says which one it used).
+    """
     prov: dict[str, Any] = {"table": table, "what": what, "commit": git_commit(), "created": now(),
                             "machine": machine()}
     if cfg is not None:
         prov.update(profile=cfg.profile, config_digest=cfg.digest(), config_files=config_files,
-                    config=cfg.to_dict(), seeds={"global": cfg.seed, "train": cfg.train.seed})
+                    config=cfg.to_dict(), seeds={"global": cfg.seed, "train": list(cfg.train.seeds)})
     elif config_files is not None:
         prov["config_files"] = config_files
     return prov

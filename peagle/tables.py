@@ -22,7 +22,7 @@ class TableError(ValueError):
 # What a table's provenance keeps of each evaluation result (the per-cell measurements).
 _CELL_KEYS = ("file", "status", "acceptance_length", "per_position_acceptance", "prompts", "rounds", "new_tokens",
               "draft_s", "verify_s", "wall_s", "lossless_checks", "drafter", "drafter_layers", "ctx", "target",
-              "training")
+              "training", "seed")
 
 
 def paper_numbers() -> pd.DataFrame:
@@ -34,49 +34,206 @@ def _load_eval(path: str | Path) -> dict[str, Any]:
     return read_json(path, TableError, "evaluation result missing", fix="re-run the evaluate rule")
 
 
-def cell_value(res: dict[str, Any]) -> float | str:
-    """A table cell: the acceptance length, or the status (OOM / infeasible) the training measured."""
-    status = res.get("status", "ok")
+# --------------------------------------------------------------------------- seeds per cell
+
+# A training run whose memory peak lies within this fraction of its budget (either side) is flagged
+# ``near_budget`` in Table 1: its ok/OOM outcome may flip with the machine, allocator or seed.
+NEAR_BUDGET = 0.10
+
+
+def _seeds(cfg: Any) -> list[int] | None:
+    """``train.seeds`` of ``cfg`` (None for a config-like object without them)."""
+    seeds = getattr(getattr(cfg, "train", None), "seeds", None)
+    return list(seeds) if seeds else None
+
+
+def seed_of(res: dict[str, Any], path: str, seeds: list[int] | None) -> int | None:
+    """The training seed of an evaluation result: its ``seed``, else its training summary's.
+
+    A result without one (made before seeds were recorded) counts as the only seed of a one-seed
+    profile; with several seeds it is an error, as is a seed outside ``train.seeds``.
+    """
+    seed = res.get("seed")
+    if seed is None:
+        seed = (res.get("training") or {}).get("seed")
+    if seed is None:
+        if seeds is None or len(seeds) == 1:
+            return seeds[0] if seeds else None
+        raise TableError(f"{path}: the result names no training seed, but train.seeds has {len(seeds)} "
+                         f"({seeds}); re-run the evaluate rule")
+    seed = int(seed)
+    if seeds is not None and seed not in seeds:
+        raise TableError(f"{path}: a result of seed {seed}, which is not one of train.seeds {seeds}")
+    return seed
+
+
+def _run_value(res: dict[str, Any], path: str) -> float | str:
+    """One run's unrounded acceptance length, or its status string (``OOM``, ``infeasible``)."""
+    status = res.get("status") or "ok"
     if status != "ok":
-        return status
-    return round(float(res["acceptance_length"]), 3)
+        return str(status)
+    al = res.get("acceptance_length")
+    try:
+        al = float(al)
+    except (TypeError, ValueError):
+        raise TableError(f"{path}: status ok but acceptance_length is {al!r}") from None
+    if al != al:  # NaN: no verification round at all
+        raise TableError(f"{path}: acceptance_length is NaN (no decoding rounds); check the prompts file")
+    return al
+
+
+def _margin(training: dict[str, Any]) -> float | None:
+    """``budget_margin`` (peak / budget - 1) of a run's summary, computed when the summary lacks it."""
+    margin = training.get("budget_margin")
+    if margin is not None:
+        return float(margin)
+    peak, budget = training.get("peak_mem_mb"), training.get("budget_mb")
+    if peak is None or not budget:
+        return None
+    return float(peak) / float(budget) - 1.0
+
+
+def aggregate_seeds(runs: dict[int | None, dict[str, Any]], label: str) -> dict[str, Any]:
+    """One cell over its seeds: ``runs`` maps seed -> evaluation result (with ``file``).
+
+    ``value`` is the table cell: the mean acceptance length rounded to 3 decimals when every seed
+    trained; the status when every seed ended the same way (``OOM``); ``"OOM (2/3 seeds)"`` when the
+    seeds disagree (no mean then: ``ok_mean`` is that of the seeds that trained). ``std`` is the
+    sample standard deviation (n - 1), None for one seed or a cell that is not all numbers. The
+    memory fields come from the runs' training summaries: ``peak_mem_mb`` the largest peak,
+    ``budget_margin`` the margin closest to the budget, ``near_budget`` whether any run's peak lies
+    within ``NEAR_BUDGET`` of its budget.
+    """
+    import statistics
+
+    values = {seed: _run_value(res, res["file"]) for seed, res in runs.items()}
+    n = len(values)
+    nums = [v for v in values.values() if isinstance(v, float)]
+    failed = [v for v in values.values() if isinstance(v, str)]
+    out: dict[str, Any] = {"n_seeds": n, "seeds": list(values),
+                           "per_seed": {str(s): v for s, v in values.items()}, "mean": None, "std": None}
+    if not failed:
+        mean = statistics.fmean(nums)
+        out.update(value=round(mean, 3), mean=mean, std=statistics.stdev(nums) if n >= 2 else None, agree=True)
+    elif len(failed) == n and len(set(failed)) == 1:
+        out.update(value=failed[0], agree=True)
+    else:
+        counts = {s: failed.count(s) for s in dict.fromkeys(failed)}
+        out.update(value="; ".join(f"{s} ({c}/{n} seeds)" for s, c in counts.items()), agree=False,
+                   ok_mean=statistics.fmean(nums) if nums else None)
+    trainings = [res.get("training") or {} for res in runs.values()]
+    peaks = [float(t["peak_mem_mb"]) for t in trainings if t.get("peak_mem_mb") is not None]
+    budgets = sorted({t["budget_mb"] for t in trainings if t.get("budget_mb") is not None})
+    if len(budgets) > 1:
+        raise TableError(f"{label}: its seeds ran under different memory budgets {budgets} MiB; re-run the "
+                         "train rule (train.memory_budget_mb)")
+    margins = [m for t in trainings if (m := _margin(t)) is not None]
+    closest = min(margins, key=abs) if margins else None
+    out.update(peak_mem_mb=max(peaks) if peaks else None, budget_mb=budgets[0] if budgets else None,
+               budget_margin=closest, near_budget=closest is not None and abs(closest) <= NEAR_BUDGET + 1e-12)
+    return out
+
+
+def _std_cell(agg: dict[str, Any]) -> float | None:
+    return None if agg["std"] is None else round(agg["std"], 3)
+
+
+def spread_note(seeds: list[int] | None, n_seeds: int) -> dict[str, Any]:
+    """The provenance's ``seed_spread``: how many runs a cell is, and what that allows."""
+    if n_seeds <= 1:
+        return {"seeds": seeds, "n_seeds": n_seeds, "statistic": None,
+                "note": f"1 seed, no spread: each cell is a single training run (train.seeds: {seeds}), the "
+                        "_std columns are empty, and no difference is tested against seed noise. For a spread run "
+                        "several seeds (--configfile config/tiny-seeds.yaml trains three per cell, the setting "
+                        "for recorded baselines); the default run keeps one for time."}
+    return {"seeds": seeds, "n_seeds": n_seeds,
+            "statistic": "mean and sample standard deviation (n - 1) over the seeds' acceptance lengths",
+            "note": "a cell whose seeds do not all train shows the failures with their count, e.g. "
+                    "'OOM (2/3 seeds)', and has no mean or standard deviation; each seed's value: cells.*.per_seed"}
+
+
+def _group_by_seed(cells: dict[Any, dict[int | None, dict[str, Any]]], seeds: list[int] | None,
+                   describe: Any) -> int:
+    """Check that every cell has a result for each seed (``train.seeds``, else the seeds any cell
+    has); returns the number of seeds per cell."""
+    wanted = seeds if seeds is not None else list(dict.fromkeys(s for runs in cells.values() for s in runs))
+    for key, runs in cells.items():
+        missing = [s for s in wanted if s not in runs]
+        if missing:
+            raise TableError(f"no evaluation result of seed(s) {missing} for {describe(key)} (train.seeds "
+                             f"{wanted}); got seeds {list(runs)}")
+    return len(wanted)
 
 
 def write_table1(cfg: Config, evals: list[str], benchmarks: list[str], out: str | Path,
                  config_files: list[str] | None = None, target_json: str | Path | None = None) -> pd.DataFrame:
     """Table 1: acceptance length (rows: methods, columns: training context lengths actually used).
 
-    ``evals`` are the evaluate rule's JSON files; ``benchmarks`` the Snakemake benchmark files of
-    the rules that produced them (their wall times go to the provenance sidecar).
+    ``evals`` are the evaluate rule's JSON files, one per method x context x seed of
+    ``train.seeds``; ``benchmarks`` the Snakemake benchmark files of the rules that produced them
+    (their wall times go to the provenance sidecar). Columns: ``method``, ``layers``, ``n_seeds``;
+    ``ctx=N`` the cell (mean over the seeds, or the status, see :func:`aggregate_seeds`);
+    ``ctx=N_std`` its sample standard deviation (empty for one seed); ``ctx=N_peak_mem_mb`` the
+    largest training memory peak of its seeds; ``budget_mb`` the row's memory budget; ``near_budget``
+    the cells whose peak lies within 10% of the budget, with the margin (``ctx=640 (+4.0%)``).
     """
     t1 = cfg.table1
-    cells: dict[tuple[str, int], dict[str, Any]] = {}
+    seeds = _seeds(cfg)
+    cells: dict[tuple[str, int], dict[int | None, dict[str, Any]]] = {}
     for path in evals:
         res = _load_eval(path)
         key = (res["method"], int(res["ctx"]))
         if res["eval_set"] != t1.eval_set or res["k"] != t1.k:
             raise TableError(f"{path}: evaluated on {res['eval_set']} at K={res['k']}, but table1 wants "
                              f"{t1.eval_set} at K={t1.k} (config table1.eval_set / table1.k)")
-        if key in cells:
-            raise TableError(f"{path}: a second result for method {key[0]} at ctx {key[1]}")
-        cells[key] = {**res, "file": str(path)}
+        seed = seed_of(res, str(path), seeds)
+        runs = cells.setdefault(key, {})
+        if seed in runs:
+            raise TableError(f"{path}: a second result for method {key[0]} at ctx {key[1]}, seed {seed} "
+                             f"(the first is {runs[seed]['file']})")
+        runs[seed] = {**res, "file": str(path)}
+    for method in t1.methods:
+        for ctx in t1.contexts:
+            if (method, ctx) not in cells:
+                raise TableError(f"no evaluation result for method {method} at ctx {ctx} among {len(evals)} files")
+    n_seeds = _group_by_seed(cells, seeds, lambda k: f"method {k[0]} at ctx {k[1]}")
+    # Runs in the order of train.seeds.
+    order = seeds or list(dict.fromkeys(s for runs in cells.values() for s in runs))
+    cells = {k: {s: runs[s] for s in order if s in runs} for k, runs in cells.items()}
+    agg = {key: aggregate_seeds(runs, f"{key[0]}@ctx={key[1]}") for key, runs in cells.items()}
     rows = []
     for method in t1.methods:
-        row: dict[str, Any] = {"method": method}
         layers = None
         for ctx in t1.contexts:
-            cell = cells.get((method, ctx))
-            if cell is None:
-                raise TableError(f"no evaluation result for method {method} at ctx {ctx} among {len(evals)} files")
-            row[f"ctx={ctx}"] = cell_value(cell)
-            layers = cell.get("drafter_layers") or (cell.get("training") or {}).get("drafter_layers") or layers
-        row = {"method": method, "layers": layers, **{k: v for k, v in row.items() if k != "method"}}
+            for cell in cells[(method, ctx)].values():
+                layers = cell.get("drafter_layers") or (cell.get("training") or {}).get("drafter_layers") or layers
+        row: dict[str, Any] = {"method": method, "layers": layers, "n_seeds": n_seeds}
+        row.update({f"ctx={c}": agg[(method, c)]["value"] for c in t1.contexts})
+        row.update({f"ctx={c}_std": _std_cell(agg[(method, c)]) for c in t1.contexts})
+        row.update({f"ctx={c}_peak_mem_mb": None if agg[(method, c)]["peak_mem_mb"] is None
+                    else round(agg[(method, c)]["peak_mem_mb"], 1) for c in t1.contexts})
+        budgets = sorted({agg[(method, c)]["budget_mb"] for c in t1.contexts} - {None})
+        if len(budgets) > 1:
+            raise TableError(f"method {method}: its cells ran under different memory budgets {budgets} MiB; "
+                             "re-run the train rule (train.memory_budget_mb)")
+        row["budget_mb"] = budgets[0] if budgets else None
+        row["near_budget"] = "; ".join(f"ctx={c} ({100 * agg[(method, c)]['budget_margin']:+.1f}%)"
+                                       for c in t1.contexts if agg[(method, c)]["near_budget"])
         rows.append(row)
     df = pd.DataFrame(rows)
+    for col in ("layers", "n_seeds", "budget_mb"):  # a missing value must not turn 4 into 4.0
+        df[col] = df[col].astype("Int64")
     details: dict[str, Any] = {
         "paper_contexts": dict(zip((f"ctx={c}" for c in t1.contexts), t1.paper_contexts)),
-        "cells": {f"{m}@ctx={c}": {k: v for k, v in cell.items() if k in _CELL_KEYS}
-                  for (m, c), cell in sorted(cells.items())},
+        "seed_spread": spread_note(seeds or order, n_seeds),
+        "near_budget": {"threshold": NEAR_BUDGET,
+                        "rule": "a cell is near its budget when some seed's training memory peak lies within "
+                                f"+-{NEAR_BUDGET:.0%} of train.memory_budget_mb (budget_margin = peak / budget - 1, "
+                                "from the run's summary.json); its OK/OOM outcome may flip on another machine"},
+        "cells": {f"{m}@ctx={c}": {**agg[(m, c)],
+                                   "runs": {str(s): {k: v for k, v in cell.items() if k in _CELL_KEYS}
+                                            for s, cell in cells[(m, c)].items()}}
+                  for (m, c) in sorted(cells)},
         "budgets": {"memory_budget_mb": cfg.train.memory_budget_mb,
                     "time_budget_s_per_epoch": cfg.train.time_budget_s_per_epoch},
         "wall_times_s": {str(b): read_benchmark(b).get("s") for b in benchmarks},
@@ -87,8 +244,10 @@ def write_table1(cfg: Config, evals: list[str], benchmarks: list[str], out: str 
         details["target"] = {k: info.get(k) for k in (
             "path", "kind", "name", "architecture", "num_layers", "hidden_size", "vocab_size", "aux_layer_ids",
             "heldout_next_token_accuracy")}
+    spread = "mean over 1 seed (no spread)" if n_seeds == 1 else f"mean and std over {n_seeds} seeds"
     write_table(df, out, table="table1", cfg=cfg, config_files=config_files,
-                what=f"acceptance length on {t1.eval_set} at K={t1.k} vs training context length", **details)
+                what=f"acceptance length on {t1.eval_set} at K={t1.k} vs training context length ({spread}); "
+                     "training memory peak and budget per cell", **details)
     return df
 
 
@@ -96,8 +255,8 @@ def write_table1(cfg: Config, evals: list[str], benchmarks: list[str], out: str 
 
 TABLE9_METHODS = ("eagle3", "peagle")
 EVAL_SET_ORDER = ("mt_bench", "humaneval", "gsm8k")
-TABLE9_COLUMNS = ["target", "architecture", "eval_set", "k", "eagle3_layers", "eagle3", "peagle_layers", "peagle",
-                  "rel_diff_pct"]
+TABLE9_COLUMNS = ["target", "architecture", "eval_set", "k", "n_seeds", "eagle3_layers", "eagle3", "eagle3_std",
+                  "peagle_layers", "peagle", "peagle_std", "rel_diff_pct"]
 
 
 def _target_name(res: dict[str, Any]) -> str:
@@ -117,17 +276,8 @@ def _layers(cell: dict[str, Any]) -> int | None:
 
 def _cell_value(cell: dict[str, Any], path: str) -> float | str:
     """A cell's acceptance length rounded to 3 decimals, or its status string (``OOM``, ``infeasible``)."""
-    status = cell.get("status") or "ok"
-    if status != "ok":
-        return str(status)
-    al = cell.get("acceptance_length")
-    try:
-        al = float(al)
-    except (TypeError, ValueError):
-        raise TableError(f"{path}: status ok but acceptance_length is {al!r}") from None
-    if al != al:  # NaN: no verification round at all
-        raise TableError(f"{path}: acceptance_length is NaN (no decoding rounds); check the prompts file")
-    return round(al, 3)
+    v = _run_value(cell, path)
+    return round(v, 3) if isinstance(v, float) else v
 
 
 def write_table9(cfg: Config, evals: list[str], out: str | Path,
@@ -136,14 +286,17 @@ def write_table9(cfg: Config, evals: list[str], out: str | Path,
 
     ``evals`` are evaluate-rule JSONs (keys ``method``, ``target_name`` (else ``target``),
     ``target_architecture``, ``eval_set``, ``k``, ``acceptance_length``, ``drafter_layers``,
-    optionally ``status``). Targets are listed in config order (``table9.targets``, else the order
-    they first appear in ``evals``); evaluation sets in the order mt_bench, humaneval, gsm8k.
-    Every target x evaluation set needs one result per method, all at one K. Cells whose
-    ``status`` is not ``ok`` show the status.
+    optionally ``status`` and ``seed``), one per cell and seed of ``train.seeds``. Targets are listed
+    in config order (``table9.targets``, else the order they first appear in ``evals``); evaluation
+    sets in the order mt_bench, humaneval, gsm8k. Every target x evaluation set needs one result
+    per method and seed, all at one K. ``eagle3`` / ``peagle`` are the mean over the seeds (the
+    status when a training failed, see :func:`aggregate_seeds`), ``*_std`` the sample standard
+    deviation (empty for one seed), ``rel_diff_pct`` from the means.
     """
     t9 = getattr(cfg, "table9", None)
     want_k = getattr(t9, "k", None)
-    cells: dict[tuple[str, str, str], dict[str, Any]] = {}
+    seeds = _seeds(cfg)
+    cells: dict[tuple[str, str, str], dict[int | None, dict[str, Any]]] = {}
     targets: list[str] = []
     ks: dict[int, str] = {}
     for path in evals:
@@ -162,10 +315,12 @@ def write_table9(cfg: Config, evals: list[str], out: str | Path,
             raise TableError(f"{path}: evaluation set {eval_set!r} is not one of {', '.join(EVAL_SET_ORDER)}")
         ks.setdefault(int(res["k"]), str(path))
         key = (target, eval_set, method)
-        if key in cells:
-            raise TableError(f"{path}: a second result for {method} on {target}/{eval_set} "
-                             f"(the first is {cells[key]['file']})")
-        cells[key] = {**res, "file": str(path)}
+        seed = seed_of(res, str(path), seeds)
+        runs = cells.setdefault(key, {})
+        if seed in runs:
+            raise TableError(f"{path}: a second result for {method} on {target}/{eval_set}, seed {seed} "
+                             f"(the first is {runs[seed]['file']})")
+        runs[seed] = {**res, "file": str(path)}
         if target not in targets:
             targets.append(target)
     if not cells:
@@ -183,7 +338,8 @@ def write_table9(cfg: Config, evals: list[str], out: str | Path,
         raise TableError(f"table9: results for evaluation sets {extra} that table9.eval_sets ({wanted_sets}) "
                          f"does not list")
     # Configured targets are required only when the results name their targets (``target_name``).
-    wanted_targets = getattr(cfg, "table9_targets", None) if all("target_name" in c for c in cells.values()) else None
+    named = all("target_name" in c for runs in cells.values() for c in runs.values())
+    wanted_targets = getattr(cfg, "table9_targets", None) if named else None
     if wanted_targets:
         absent = [t for t in wanted_targets if t not in targets]
         if absent:
@@ -198,27 +354,35 @@ def write_table9(cfg: Config, evals: list[str], out: str | Path,
                if (t, s, m) not in cells]
     if missing:
         raise TableError(f"table9: {len(missing)} cell(s) missing among {len(evals)} files: {', '.join(missing)}")
+    n_seeds = _group_by_seed(cells, seeds, lambda c: f"{c[2]} on {c[0]}/{c[1]}")
+    order = seeds or list(dict.fromkeys(s for runs in cells.values() for s in runs))
+    cells = {key: {s: runs[s] for s in order if s in runs} for key, runs in cells.items()}
+    agg = {key: aggregate_seeds(runs, "/".join(key)) for key, runs in cells.items()}
     rows = []
     for t in targets:
         for s in wanted_sets:
-            e3, pe = cells[(t, s, "eagle3")], cells[(t, s, "peagle")]
-            v3, vp = _cell_value(e3, e3["file"]), _cell_value(pe, pe["file"])
+            e3, pe = agg[(t, s, "eagle3")], agg[(t, s, "peagle")]
             rel = None
-            if isinstance(v3, float) and isinstance(vp, float) and v3:  # from the unrounded ALs
-                a3, ap = float(e3["acceptance_length"]), float(pe["acceptance_length"])
-                rel = round(100.0 * (ap - a3) / a3, 1)
-            arch = pe.get("target_architecture") or e3.get("target_architecture")
-            rows.append({"target": t, "architecture": arch, "eval_set": s, "k": k,
-                         "eagle3_layers": _layers(e3), "eagle3": v3,
-                         "peagle_layers": _layers(pe), "peagle": vp, "rel_diff_pct": rel})
+            if e3["mean"] is not None and pe["mean"] is not None and e3["mean"]:  # from the unrounded means
+                rel = round(100.0 * (pe["mean"] - e3["mean"]) / e3["mean"], 1)
+            first = {m: next(iter(cells[(t, s, m)].values())) for m in TABLE9_METHODS}
+            arch = first["peagle"].get("target_architecture") or first["eagle3"].get("target_architecture")
+            rows.append({"target": t, "architecture": arch, "eval_set": s, "k": k, "n_seeds": n_seeds,
+                         "eagle3_layers": _layers(first["eagle3"]), "eagle3": e3["value"], "eagle3_std": _std_cell(e3),
+                         "peagle_layers": _layers(first["peagle"]), "peagle": pe["value"], "peagle_std": _std_cell(pe),
+                         "rel_diff_pct": rel})
     df = pd.DataFrame(rows, columns=TABLE9_COLUMNS)
-    for col in ("k", "eagle3_layers", "peagle_layers"):  # a missing layer count must not turn 4 into 4.0
+    for col in ("k", "n_seeds", "eagle3_layers", "peagle_layers"):  # a missing layer count must not turn 4 into 4.0
         df[col] = df[col].astype("Int64")
+    spread = "mean over 1 seed (no spread)" if n_seeds == 1 else f"mean and std over {n_seeds} seeds"
     write_table(df, out, table="table9", cfg=cfg, config_files=config_files,
-                what=f"acceptance length at K={k}, EAGLE-3 vs P-EAGLE, per target and evaluation set; "
-                     f"rel_diff_pct = 100 (peagle - eagle3) / eagle3",
-                cells={f"{t}/{s}/{m}": {k_: v for k_, v in cell.items() if k_ in _CELL_KEYS}
-                       for (t, s, m), cell in sorted(cells.items())})
+                what=f"acceptance length at K={k}, EAGLE-3 vs P-EAGLE, per target and evaluation set ({spread}); "
+                     f"rel_diff_pct = 100 (peagle - eagle3) / eagle3 of the means",
+                seed_spread=spread_note(seeds or order, n_seeds),
+                cells={f"{t}/{s}/{m}": {**agg[(t, s, m)],
+                                        "runs": {str(sd): {k_: v for k_, v in cell.items() if k_ in _CELL_KEYS}
+                                                 for sd, cell in cells[(t, s, m)].items()}}
+                       for (t, s, m) in sorted(cells)})
     return df
 
 
@@ -320,7 +484,10 @@ def write_table10(cfg: Config, results: list[str], out: str | Path,
         df[col] = df[col].astype("Int64")
     keep = ("file", "status", "drafter", "k", "k_train", "method", "ctx", "prompts", "output_len", "speculative_config",
             "server_startup_s", "concurrency", "settings", "device", "vllm_version", "target")
+    seeds = _seeds(cfg)
     write_table(df, out, table="table10", cfg=cfg, config_files=config_files,
+                drafter_seed={"seed": seeds[0] if seeds else None,
+                              "note": "one drafter per cell: the DAG serves the first of train.seeds (no seed spread)"},
                 what="vLLM serving benchmark: output tokens/s (and acceptance length from vLLM's counters) of "
                      f"P-EAGLE at K in {ks} vs EAGLE-3 at its best K per row; speedup = P-EAGLE / EAGLE-3 tok/s",
                 cells={f"{t}/{s}/{m}/k{k}": {k_: v for k_, v in cell.items() if k_ in keep}

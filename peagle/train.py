@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import shutil
 import sys
 import time
@@ -226,11 +225,16 @@ def example_loss(drafter: PEagleDrafter, target_head: torch.Tensor, ex: Example,
 # --------------------------------------------------------------------------- run state
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    # ru_maxrss is KiB on Linux: the process's peak resident set.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def load_rows(dataset: Any, index: int, ctx: int, copy: bool) -> dict[str, torch.Tensor]:
+    """Training rows of sequence ``index`` (see ``shifted_rows``), truncated to ``ctx`` tokens.
+
+    ``copy``: clone them out of the dataset's shard cache, so that the step's own data is a tensor
+    the live-tensor accountant counts (on CUDA the example's copy to the device is counted instead).
+    """
+    from peagle.hidden import shifted_rows
+
+    rows = shifted_rows(truncate(dataset[index], ctx))
+    return {k: v.clone() for k, v in rows.items()} if copy else rows
 
 
 def _seq_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -301,11 +305,11 @@ def train_drafter(
     return summary
 
 
-@memory.reports_oom  # an OOM under train.memory_budget_mb -> summary.json status OOM
+@memory.reports_oom  # past train.memory_budget_mb -> summary.json status OOM with the bytes that went over
 def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method: str, ctx: int, out_dir: Path, *,
            stop_after_steps: int | None, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
     from peagle.eagle3 import ttt_loss  # deferred: peagle.eagle3 imports distill_loss from here
-    from peagle.hidden import HiddenStateDataset, shifted_rows
+    from peagle.hidden import HiddenStateDataset
     from peagle.target import read_embedding_tensors, read_target_json
 
     plan = MethodPlan.of(cfg, method)
@@ -408,11 +412,16 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
     bar = tqdm(total=total_steps, initial=start_step, disable=not progress, desc=f"{method} ctx={ctx}",
                file=sys.stderr, dynamic_ncols=True)
     drafter.train()
-    # Budget the loop (gradients, optimizer moments, activations); the weights already exist.
+    # Meter the loop (data, activations, gradients, optimizer moments) on top of what exists
+    # already: weights, the target head and, after a resume, the loaded optimizer state -- so
+    # that a resumed run counts the bytes an uninterrupted one does.
     head_bytes = target_head.numel() * target_head.element_size()
-    weights, needed = memory.model_bytes(drafter.parameters())
-    memory.cap_memory(tc.memory_budget_mb, device, resident_bytes=weights + head_bytes,
-                      required_bytes=needed + head_bytes)
+    _, needed = memory.model_bytes(drafter.parameters())
+    moments = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    resident = memory.tensor_bytes([*drafter.parameters(), target_head, *moments])
+    meter = memory.start_meter(tc.memory_budget_mb, device, resident_bytes=resident,
+                               required_bytes=needed + head_bytes)
+    peaks = [round(m["peak_mem_mb"] * memory.MB) for m in metrics if m.get("peak_mem_mb") is not None]  # bytes
     depths = plan.depths
     probe = _BudgetProbe(tc.time_budget_s_per_epoch, tc.budget_probe_steps, steps_per_epoch)
     t_run = time.perf_counter()
@@ -420,12 +429,13 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
         epoch, j = divmod(step, steps_per_epoch)
         order = epoch_order(len(usable), tc.seed, epoch)
         batch = [usable[i] for i in order[j * tc.grad_accum:(j + 1) * tc.grad_accum]]
+        meter.reset_peak()
         t0 = time.perf_counter()
         sup_total, loss_total, elements, tokens = 0, 0.0, 0, 0
         correct = torch.zeros(depths, dtype=torch.long)
         count = torch.zeros(depths, dtype=torch.long)
         for idx in batch:
-            rows = shifted_rows(truncate(dataset[idx], ctx))
+            rows = load_rows(dataset, idx, ctx, copy=device.type == "cpu")
             n = rows["input_ids"].shape[0]
             # Each sequence's loss is normalised by its own supervised count, then averaged.
             if not plan.parallel:
@@ -461,10 +471,11 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
         sched.step()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
+        peaks.append(meter.peak_bytes())
         row = {"step": step + 1, "epoch": epoch, "lr": sched.get_last_lr()[0], "loss": loss_total,
                "grad_norm": float(grad_norm), "supervised": sup_total, "elements": elements, "tokens": tokens,
                "step_s": dt, "tokens_per_s": tokens / dt, "elements_per_s": elements / dt,
-               "peak_mem_mb": _peak_memory_mb(device)}
+               "peak_mem_mb": peaks[-1] / memory.MB}
         for d in range(depths):
             row[f"acc_d{d}"] = float(correct[d]) / int(count[d]) if count[d] else None
         metrics.append(row)
@@ -472,15 +483,19 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
             f.write(json.dumps(row) + "\n")
         bar.update(1)
         bar.set_postfix(loss=f"{loss_total:.3f}", acc0=f"{row['acc_d0'] or 0:.2f}")
+        # Drop the step's tensors now, not when the next step rebinds the names: a step's peak must
+        # not depend on whether another ran before it in this process (a resumed run).
+        rows = ex = loss_t = stats = grad_norm = correct = count = None
         done = step + 1
         verdict = probe.observe(dt)
         if verdict is not None:
             bar.close()
             raise InfeasibleRun({"status": "infeasible", **verdict, "completed_steps": done,
-                                 "budget_mb": tc.memory_budget_mb, "peak_mem_mb": row["peak_mem_mb"]})
+                                 **meter.record(max(peaks))})
         if done % tc.checkpoint_every == 0 and done < total_steps:
             state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": done}
-            ckpt.save_drafter(ckpt_root / f"step_{done:07d}", drafter, meta, trainer_state=state)
+            with meter.paused():  # checkpoint copies are I/O, not training memory
+                ckpt.save_drafter(ckpt_root / f"step_{done:07d}", drafter, meta, trainer_state=state)
             for old in ckpt.list_checkpoints(ckpt_root)[:-tc.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         if stop_after_steps is not None and done >= stop_after_steps and done < total_steps:
@@ -488,14 +503,14 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
             raise _Killed(f"stopped after {done} steps (test hook)")
     bar.close()
     wall = time.perf_counter() - t_run
-    memory.release_cap()
+    memory.stop_meter()
 
     final_meta = {**meta, "optimizer_steps": total_steps, "sequences": len(usable), "epochs": tc.epochs}
     ckpt.save_drafter(out / "final", drafter, final_meta)
     tail = metrics[-min(len(metrics), steps_per_epoch):]
     summary = {
         "status": "ok",
-        "budget_mb": tc.memory_budget_mb,
+        **meter.record(max(peaks, default=None)),
         "time_budget_s_per_epoch": tc.time_budget_s_per_epoch,
         **final_meta,
         "drafter_layers": plan.num_layers,
@@ -506,7 +521,6 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
         "last_epoch_loss": sum(m["loss"] for m in tail) / len(tail) if tail else None,
         "last_epoch_acc": {f"d{d}": _mean([m[f"acc_d{d}"] for m in tail]) for d in range(depths)},
         "tokens_per_s": _mean([m["tokens_per_s"] for m in metrics]),
-        "peak_mem_mb": max((m["peak_mem_mb"] for m in metrics), default=None),
     }
     atomic_write_json(out / "summary.json", summary)
     shutil.rmtree(ckpt_root, ignore_errors=True)

@@ -153,3 +153,105 @@ def test_cli_has_the_commands(cmd):
     with pytest.raises(SystemExit) as err:
         build_parser().parse_args([cmd, "--help"])
     assert err.value.code == 0
+
+
+# --------------------------------------------------------------------------- seeds: spread and ties
+
+
+def _table1_seeds(d, rows, n_seeds=3, near=None):
+    """rows: (method, layers, [(mean, std)] per CTX column); std None: empty."""
+    d.mkdir(exist_ok=True)
+    cols = list(CTX)
+    lines = ["method,layers,n_seeds," + ",".join(cols) + "," + ",".join(f"{c}_std" for c in cols) + ",near_budget"]
+    for m, layers, cells in rows:
+        vals = [str(v) for v, _ in cells] + ["" if s is None else str(s) for _, s in cells]
+        lines.append(",".join([m, str(layers), str(n_seeds), *vals, (near or {}).get(m, "")]))
+    (d / "table1.csv").write_text("\n".join(lines) + "\n")
+    (d / "table1.provenance.json").write_text(json.dumps(
+        {"paper_contexts": CTX, "seed_spread": {"seeds": list(range(n_seeds)), "n_seeds": n_seeds}}))
+
+
+def test_table1_difference_within_the_spread_is_a_tie(tmp_path):
+    rows = [
+        ("parallelspec", 1, [(1.4, 0.02), (1.5, 0.02), ("OOM", None), ("OOM", None)]),
+        # ctx=32: P-EAGLE leads PARD by 0.02 with stds 0.05 / 0.03: a tie, neither a match nor a difference.
+        ("pard", 4, [(2.28, 0.03), ("infeasible", None), ("OOM", None), ("OOM (2/3 seeds)", None)]),
+        # ctx=128: P-EAGLE leads ParallelSpec by 1.1, far beyond the spread: a match.
+        ("peagle", 4, [(2.30, 0.05), (2.6, 0.01), (2.7, 0.02), (2.9, 0.04)]),
+    ]
+    _table1_seeds(tmp_path, rows, near={"peagle": "ctx=640 (+4.0%)"})
+    text = compare_tables(tmp_path)
+    assert _line(text, "Seeds: 3 per cell (train.seeds [0, 1, 2]); cells are mean ± sample standard deviation. "
+                       "Tie rule: two values whose difference is at most the larger of their standard deviations")
+    c32 = _line(text, "- ctx=32 (paper 1024)")
+    assert "P-EAGLE 2.300 ± 0.050, within the seed spread of PARD 2.28 ± 0.03" in c32 and "-> TIE" in c32
+    assert "MATCH" not in c32 and "DIFFERS" not in c32
+    assert _line(text, "- ctx=128 (paper 4096)").endswith("-> MATCH")
+    assert "2.3 ± 0.05" in text  # cells shown with their spread
+    # A cell whose seeds disagree is reported, not counted as failing or as training.
+    assert "Seeds disagree (some seeds train, others fail; not compared): PARD @ ctx=640: OOM (2/3 seeds)" in text
+    assert "MATCH the paper's pattern in all 11 compared cells" in _line(text, "Failing cells")
+    assert "2.9 ± 0.04 †" in text
+    assert _line(text, "† near budget:").startswith(
+        "† near budget: the training memory peak lies within ±10% of the memory budget (peak / budget - 1) in "
+        "P-EAGLE @ ctx=640 (+4.0%)")
+    assert _line(text, "P-EAGLE vs context").endswith("-> MATCH")  # 2.3 -> 2.9: far beyond the spread
+    # Equal means with a spread: a tie too (with one seed an exact tie among the paper's best is a match).
+    rows[1] = ("pard", 4, [(2.30, 0.03)] + rows[1][2][1:])
+    _table1_seeds(tmp_path / "equal", rows)
+    c32 = _line(compare_tables(tmp_path / "equal"), "- ctx=32 (paper 1024)")
+    assert "ours PARD = P-EAGLE 2.300 ± 0.030 (tie)" in c32 and "-> TIE" in c32, c32
+
+
+def test_table1_trend_within_the_spread_is_a_tie(tmp_path):
+    rows = [("peagle", 4, [(2.3, 0.3), (2.2, 0.3), (2.4, 0.3), (2.5, 0.3)])]
+    _table1_seeds(tmp_path, rows)
+    trend = _line(compare_tables(tmp_path), "P-EAGLE vs context")
+    assert "ours flat within the seed spread (2.3 ± 0.3 -> 2.2 ± 0.3" in trend and trend.endswith(
+        "-> TIE (first and last context differ by less than their spread)")
+
+
+def test_one_seed_says_there_is_no_spread(tmp_path):
+    _table1(tmp_path, PAPER_SHAPE)  # a table from before seeds: no n_seeds, no _std columns
+    text = compare_tables(tmp_path)
+    assert _line(text, "Seeds: 1 seed, no spread: each cell is a single training run")
+    assert "TIE" not in text
+    assert "Memory: table1.csv records no training memory peaks" in text
+    # The same with one-seed columns (empty std): exact values, verdicts as without seeds.
+    rows = [(m, layers, [(v, None) for v in vals]) for m, layers, *vals in PAPER_SHAPE]
+    _table1_seeds(tmp_path, rows, n_seeds=1)
+    text = compare_tables(tmp_path)
+    assert _line(text, "Seeds: 1 seed, no spread (train.seeds [0])")
+    assert _line(text, "- ctx=32 (paper 1024)").endswith("-> MATCH") and "TIE" not in text
+    assert "Memory: no cell's training memory peak lies within ±10% of its budget." in text
+
+
+def test_table9_difference_within_the_spread_is_a_tie(tmp_path):
+    (tmp_path / "table9.csv").write_text(
+        "target,architecture,eval_set,k,n_seeds,eagle3_layers,eagle3,eagle3_std,peagle_layers,peagle,peagle_std,"
+        "rel_diff_pct\n"
+        "tiny-llama,llama,mt_bench,5,3,1,2.0,0.1,4,2.05,0.02,2.5\n"       # +0.05 within 0.1: tie
+        "tiny-llama,llama,humaneval,5,3,1,3.0,0.01,4,2.9,0.02,-3.3\n"     # -0.1 beyond 0.02: worse
+        "tiny-moe,qwen3_moe,mt_bench,5,3,1,1.8,0.01,4,1.9,0.01,5.6\n"     # +0.1 beyond: better
+        "tiny-moe,qwen3_moe,humaneval,5,3,1,2.6,0.2,4,2.5,0.2,-3.8\n")    # -0.1 within 0.2: tie
+    text = compare_tables(tmp_path)
+    assert _line(text, "Seeds: 3 per cell")
+    mt = _line(text, "- mt_bench:")
+    assert "tiny-llama +2.5% (tie within the seed spread)" in mt and "on 1/1 of our targets outside the seed" in mt
+    assert mt.endswith("-> MATCH (1 tie(s) within the seed spread not counted)")
+    he = _line(text, "- humaneval:")
+    assert "on 0/1 of our targets" in he and he.endswith("-> DIFFERS (1 tie(s) within the seed spread not counted)")
+    assert "; 2 of our cells are ties within the seed spread." in _line(text, "Overall:")
+    # Every difference within the spread: the set is a tie.
+    (tmp_path / "table9.csv").write_text(
+        "target,architecture,eval_set,k,n_seeds,eagle3_layers,eagle3,eagle3_std,peagle_layers,peagle,peagle_std,"
+        "rel_diff_pct\ntiny-llama,llama,gsm8k,5,3,1,2.5,0.1,4,2.45,0.1,-2.0\n")
+    assert _line(compare_tables(tmp_path), "- gsm8k:").endswith(
+        "-> TIE (every difference of ours is within the seed spread)")
+
+
+def test_drafting_cost_says_one_seed_no_spread(tmp_path):
+    (tmp_path / "drafting_cost.csv").write_text(
+        "target_name,method,k,draft_ms_per_round\ntiny-llama,eagle3,3,3.0\ntiny-llama,eagle3,5,5.0\n")
+    assert _line(compare_tables(tmp_path), "Seeds: 1 seed, no spread: one drafter per method, the first of "
+                                           "train.seeds")

@@ -587,3 +587,46 @@ def test_missing_required_key_names_every_file(tmp_path):
         load_config(base, overlay)
     msg = str(err.value)
     assert msg.startswith(f"{base}, {overlay}: ") and "results_dir" in msg, msg
+
+
+# --------------------------------------------------------------------------- train.seeds
+
+SEEDS = ROOT / "config" / "tiny-seeds.yaml"
+
+
+def test_seeds_default_to_one_and_the_overlay_gives_three(validator):
+    assert load_config(TINY).train.seeds == [0] and load_config(PAPER).train.seeds == [0]
+    cfg = load_config(TINY, SEEDS)
+    assert cfg.train.seeds == [0, 1, 2] and cfg.train.seed == 0 and cfg.seed == 0  # data/target seed stays single
+    assert cfg.profile == "tiny" and cfg.digest() != load_config(TINY).digest()
+    assert [e.message for e in validator.iter_errors(read_config_files(TINY, SEEDS))] == []
+    assert "profile" not in read_config_files(SEEDS)  # an overlay, merged over the profile in effect
+
+
+def test_a_run_narrows_the_seeds_to_its_own():
+    cfg = load_config(TINY, SEEDS)
+    run = cfg.for_seed(2)
+    assert run.train.seeds == [2] and run.train.seed == 2 and cfg.train.seeds == [0, 1, 2]
+    with pytest.raises(ConfigError, match=r"seed 5 is not one of train\.seeds \[0, 1, 2\]"):
+        cfg.for_seed(5)
+
+
+@pytest.mark.parametrize("seeds, match", [
+    ([], r"train\.seeds: must be a non-empty list"),
+    ([0, 1, 0], r"train\.seeds: seeds must be distinct; \[0\] repeated"),
+    ([0, -1], r"train\.seeds: each seed must be an integer >= 0"),
+    ([0, "1"], r"train\.seeds\[1\]: expected an integer"),
+    (3, r"train\.seeds: expected a list"),
+])
+def test_bad_seeds_name_the_key_and_the_file(tmp_path, validator, seeds, match):
+    path, err = _load_error(tmp_path, {"train": {"seeds": seeds}})
+    assert re.search(match, str(err)), str(err)
+    assert str(err).startswith(f"{path}: "), str(err)
+    raw = read_config_files(TINY, path)
+    assert list(validator.iter_errors(raw)), f"schema accepts train.seeds: {seeds}"
+
+
+def test_the_old_single_train_seed_is_refused_with_the_fix(tmp_path):
+    path, err = _load_error(tmp_path, {"train": {"seed": 3}})
+    msg = str(err)
+    assert msg.startswith(f"{path}: train.seed: replaced by train.seeds") and "`seeds: [3]`" in msg, msg

@@ -230,3 +230,25 @@ def test_vllm_check_runs_vllm_eval_in_the_vllm_env(setup, tmp_path, monkeypatch)
     assert seen["cmd"][:4] == ["/nonexistent/vllm/python", "-m", "peagle", "vllm-eval"]
     assert seen["cmd"][4:6] == ["--config", "c.yaml"] and seen["env"]["PYTHONPATH"] == str(ROOT)
     assert not dc.vllm_available(setup["cfg"])
+
+
+def test_recorded_baselines_of_several_seeds_are_the_first_seeds(tmp_path):
+    """A recorded Table 9 with one run per seed: the baselines are the first seed's runs (as the drafting
+    cost sweep's drafters); a recorded table from before seeds is read as it was."""
+    from peagle.config import config_from_dict
+
+    cfg = config_from_dict(_raw_config())
+    (tmp_path / "manifest.json").write_text(json.dumps({"config_digest": cfg.digest()}))
+    (tmp_path / "table9.csv").write_text("target,eval_set\n")
+    run = lambda al: {"status": "ok", "acceptance_length": al, "rounds": 10, "draft_s": 0.02, "drafter_layers": 4}
+    cells = {"tiny-llama/mt_bench/peagle": {"mean": 2.0, "std": 0.1, "n_seeds": 2, "seeds": [5, 1],
+                                            "runs": {"5": run(2.1), "1": run(1.9)}},
+             "tiny-llama/mt_bench/eagle3": run(3.0)}  # the format before seeds: the cell is the run
+    (tmp_path / "table9.provenance.json").write_text(json.dumps({
+        "config_digest": cfg.digest(), "seed_spread": {"seeds": [5, 1], "n_seeds": 2}, "cells": cells}))
+    rec = dc.read_recorded(tmp_path, cfg, "tiny-llama")
+    assert rec["table9"][("mt_bench", "peagle")]["acceptance_length"] == 2.1
+    assert rec["table9"][("mt_bench", "peagle")]["draft_ms_per_round"] == pytest.approx(2.0)
+    assert rec["table9"][("mt_bench", "eagle3")]["acceptance_length"] == 3.0
+    assert any("2 seeds per cell" in n and "first seed's runs" in n for n in rec["notes"]), rec["notes"]
+    assert not rec["stale"]

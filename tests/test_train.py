@@ -1,6 +1,7 @@
 """Drafter training: checkpoints round-trip, a killed run resumes to the same weights, loss falls."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,4 +217,26 @@ def test_failed_training_cells_flow_into_table1(tiny_config, tmp_path):
     df = write_table1(cfg, [str(e) for e in evals], [], tmp_path / "table1.csv")
     assert df.set_index("method")["ctx=32"].to_dict() == {"parallelspec": "OOM", "pard": "infeasible"}
     prov = json.loads((tmp_path / "table1.provenance.json").read_text())
-    assert prov["cells"]["parallelspec@ctx=32"]["training"]["budget_mb"] == 64
+    assert prov["cells"]["parallelspec@ctx=32"]["runs"]["0"]["training"]["budget_mb"] == 64  # train.seeds: [0]
+
+
+def test_a_run_and_its_evaluation_carry_the_training_seed(tiny_config, tmp_path, capsys):
+    """The train stage trains one of train.seeds; the evaluation records the seed, checked against the run's."""
+    from peagle.cli import main
+    from peagle.evaluate import EvaluationError, evaluate_drafter
+
+    run = tmp_path / "pard_ctx32_s1"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"status": "OOM", "method": "pard", "ctx": 32, "seed": 1,
+                                                  "drafter_layers": 4, "budget_mb": 64}))
+    prompts = tmp_path / "eval_mt_bench.jsonl"
+    assert evaluate_drafter(tiny_config, "unused.json", run, prompts, 3, seed=1, **_quiet())["seed"] == 1
+    assert evaluate_drafter(tiny_config, "unused.json", run, prompts, 3, **_quiet())["seed"] == 1
+    with pytest.raises(EvaluationError, match="trained with seed 1, but evaluated as seed 2"):
+        evaluate_drafter(tiny_config, "unused.json", run, prompts, 3, seed=2, **_quiet())
+    # A seed outside the profile's train.seeds ([0]) is refused before anything loads.
+    tiny = str(Path(__file__).resolve().parents[1] / "config" / "tiny.yaml")
+    assert main(["train", "--config", tiny, "--target", "t.json", "--hidden-dir", "h",
+                 "--method", "pard", "--ctx", "32", "--seed", "5", "--out-dir", str(tmp_path / "x")]) == 2
+    assert "seed 5 is not one of train.seeds [0]" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

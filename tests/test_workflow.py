@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SNAKEMAKE = str(BIN / "snakemake") if (BIN / "snakemake").exists() else shutil.which("snakemake")
 TABLE1_RULES = {"data", "target", "respond", "extract", "train", "evaluate", "table1"}
-RULES = TABLE1_RULES | {"table9", "drafting_cost_target", "drafting_cost", "compare", "fig1", "figures", "all"}
+RULES = TABLE1_RULES | {"table9", "drafting_cost_target", "drafting_cost", "compare", "fig1", "figures",
+                       "target_quality", "all"}
 GPU_RULES = {"respond", "extract", "train", "evaluate"}
 
 pytestmark = [
@@ -214,6 +215,37 @@ def test_a_fresh_clone_plans_every_job_of_table1(tmp_path):
                 "total": 29}
     assert _plan_in(repo, "paper_tables/table1.csv") == expected
     assert _plan_in(repo, "paper_tables/table1.csv", "--configfile", "config/paper.yaml") == expected
+    # Three training seeds per cell (as config/tiny-seeds.yaml): three times the drafters and evaluations.
+    seeds = tmp_path / "seeds.yaml"
+    seeds.write_text(yaml.safe_dump({"train": {"seeds": [0, 1, 2]}}))
+    assert _plan_in(repo, "paper_tables/table1.csv", "--configfile", str(seeds)) == {
+        **expected, "train": 36, "evaluate": 36, "total": 77}
+
+
+def test_three_seeds_train_and_evaluate_every_cell_three_times():
+    cfg = load_config(ROOT / "config" / "tiny.yaml", ROOT / "config" / "tiny-seeds.yaml")
+    assert cfg.train.seeds == [0, 1, 2]
+    jobs = plan("paper_tables/table1.csv", "--configfile", "config/tiny-seeds.yaml")
+    cells = len(cfg.table1.methods) * len(cfg.table1.contexts)
+    assert _count(jobs, "train") == _count(jobs, "evaluate") == 3 * cells
+    runs = sorted((re.search(r"--method (\w+)", j["shell"]).group(1), int(re.search(r"--ctx (\d+)", j["shell"])[1]),
+                   int(re.search(r"--seed (\d+)", j["shell"])[1])) for j in jobs if j["rule"] == "train")
+    assert runs == sorted((m, c, s) for m in cfg.table1.methods for c in cfg.table1.contexts for s in (0, 1, 2))
+    for job in jobs:
+        if job["rule"] == "train":
+            seed = re.search(r"--seed (\d+)", job["shell"]).group(1)
+            assert re.search(rf"--out-dir results/tiny/drafters/tiny-llama/[a-z0-9]+_ctx\d+_s{seed} ", job["shell"])
+        if job["rule"] == "evaluate":  # the seed's drafter, evaluated into the seed's directory
+            seed = re.search(r"--seed (\d+)", job["shell"]).group(1)
+            assert f"_s{seed} --prompts " in job["shell"] and f"_s{seed}/mt_bench_k5.json" in job["shell"], job["shell"]
+    table = next(j for j in jobs if j["rule"] == "table1")
+    assert table["shell"].count("--evals") == 1 and table["shell"].count("mt_bench_k5.json") == 3 * cells
+    # Stages that use one drafter per cell take the first seed's: drafting cost and the vLLM stage.
+    everything = plan("--configfile", "config/tiny-seeds.yaml")
+    cost = [j for j in everything if j["rule"] == "drafting_cost_target"]
+    assert cost and all("_s0" in j["shell"] and "_s1" not in j["shell"] and "_s2" not in j["shell"] for j in cost)
+    vllm = plan("vllm_all", "--configfile", "config/tiny-seeds.yaml")
+    assert {re.search(r"_s(\d+)", j["shell"]).group(1) for j in vllm if j["rule"] in ("train", "vllm_eval")} == {"0"}
 
 
 def test_an_overlay_with_its_own_results_dir_writes_nothing_shared(tmp_path):
@@ -268,8 +300,11 @@ def test_command_line_config_overrides_are_refused():
     assert "--config KEY=VALUE overrides are not supported" in out
 
 
-def test_unconstrained_wildcards_do_not_match():
-    proc = snakemake("results/tiny/drafters/P-EAGLE_ctx64/final/config.json")
+@pytest.mark.parametrize("path", ["results/tiny/drafters/tiny-llama/P-EAGLE_ctx64_s0/summary.json",
+                                  "results/tiny/drafters/tiny-llama/peagle_ctx64_sX/summary.json",
+                                  "results/tiny/drafters/tiny-llama/peagle_ctx64/summary.json"])
+def test_unconstrained_wildcards_do_not_match(path):
+    proc = snakemake(path)
     assert proc.returncode != 0
     assert "MissingRuleException" in proc.stdout + proc.stderr
 
@@ -314,17 +349,24 @@ def test_smoke_run_of_the_whole_dag(tmp_path):
     assert not (tmp_path / "paper_tables").exists() and not (tmp_path / "logs").exists()
     tables = tmp_path / smoke.tables_path
     assert smoke.tables_path == "results/smoke/paper_tables"
-    table = (tables / "table1.csv").read_text().splitlines()
-    assert table[0] == "method,layers," + ",".join(f"ctx={c}" for c in smoke.table1.contexts)
-    rows = {r.split(",")[0]: r.split(",")[1:] for r in table[1:]}
-    assert list(rows) == smoke.table1.methods
-    assert int(rows["peagle"][0]) == smoke.drafter.num_layers and int(rows["parallelspec"][0]) == 1
-    assert all(1.0 <= float(v) <= smoke.table1.k + 1 for r in rows.values() for v in r[1:])
+    import pandas as pd
+
+    ctx_cols = [f"ctx={c}" for c in smoke.table1.contexts]
+    table = pd.read_csv(tables / "table1.csv", keep_default_na=False)
+    assert list(table.columns) == ["method", "layers", "n_seeds", *ctx_cols, *(f"{c}_std" for c in ctx_cols),
+                                   *(f"{c}_peak_mem_mb" for c in ctx_cols), "budget_mb", "near_budget"]
+    rows = table.set_index("method")
+    assert list(rows.index) == smoke.table1.methods and (rows["n_seeds"] == 1).all()
+    assert rows.loc["peagle", "layers"] == smoke.drafter.num_layers and rows.loc["parallelspec", "layers"] == 1
+    assert all(1.0 <= float(v) <= smoke.table1.k + 1 for v in rows[ctx_cols].to_numpy().ravel())
+    assert (rows[[f"{c}_std" for c in ctx_cols]] == "").all().all()  # one seed: no spread
 
     prov = yaml.safe_load((tables / "table1.provenance.json").read_text())
     assert prov["profile"] == "tiny" and prov["config"]["results_dir"] == "results/smoke"
     assert prov["config_digest"] == smoke.digest() and prov["commit"] and prov["machine"]["cpus"]
-    assert all(all(c["equal"] for c in cell["lossless_checks"]) for cell in prov["cells"].values())
+    assert all(all(c["equal"] for c in run["lossless_checks"]) for cell in prov["cells"].values()
+               for run in cell["runs"].values())
+    assert prov["seeds"]["train"] == [0] and prov["seed_spread"]["note"].startswith("1 seed, no spread")
     assert len(prov["wall_times_s"]) >= 2 * len(smoke.table1.contexts)
     for stage in ("data", "target", "respond", "extract"):
         assert list((tmp_path / "results/smoke/benchmarks").rglob(f"*{stage}*")), f"no benchmark for {stage}"

@@ -156,6 +156,8 @@ def write_drafting_cost(
         target={"json": str(target_json), **{k: info.get(k) for k in (
             "path", "kind", "name", "architecture", "num_layers", "hidden_size", "vocab_size", "aux_layer_ids")}},
         drafters=[str(d) for d in drafter_dirs],
+        drafter_seed={"seed": cfg.train.seed, "note": "one drafter per method: the DAG passes those of the first "
+                      "of train.seeds (directories ..._s<seed>); no seed spread, timing noise not estimated"},
         drafters_skipped=df.attrs.get("skipped", {}),
         runtime={"device": cfg.runtime.device, "dtype": cfg.runtime.dtype, "torch_threads": torch.get_num_threads()},
     )

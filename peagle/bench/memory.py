@@ -1,16 +1,18 @@
 """Memory scaling: peak training memory and step time vs context length and partitions S.
 
 Every configuration (mask strategy x context length x S) runs in its own subprocess
-(``python -m peagle.bench.memory --child SPEC``), so peaks never mix and the memory cap
-(``peagle.memory``, RLIMIT_AS on CPU) cannot leak into the parent. The child builds a drafter of
+(``python -m peagle.bench.memory --child SPEC``), so peaks never mix and a crash or timeout
+cannot take the parent with it. The child builds a drafter of
 the configured architecture (width ``--hidden-size``, default the target's), one synthetic
 example of the context length (random token ids and hidden states -- memory and time depend on
 shapes only; COD sampled with the training retention at depth ``scaling.memory_k``) and runs
 ``repeats`` full training steps: mask retrieval/construction, forward, backward (segment by
 segment through ``peagle.partition.partitioned_backward`` when S > 1), optimizer step. It
-reports the last step's time and its own peak memory: ``ru_maxrss`` of the process on CPU
-(``resource.getrusage``), ``torch.cuda.max_memory_allocated`` on CUDA. An allocation past the
-budget is recorded as ``OOM``.
+reports the last step's time and the peak memory over all steps, measured as training runs
+measure it (``peagle.memory.metered``, the same figure as ``peak_mem_mb`` of a Table 1 cell): on
+CPU the live-tensor accountant (weights + LM head + live tensors; ``baseline_mb`` = weights +
+head), on CUDA ``torch.cuda.max_memory_allocated`` (``baseline_mb`` = allocated once the drafter
+exists). Going past the budget is recorded as ``OOM``.
 
 Strategies are looked up by name in ``peagle.train.MaskBuilder``; names it does not know and
 S > 1 without ``peagle.partition`` are skipped (and logged), never faked.
@@ -22,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -74,18 +75,16 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             "loss_mask": torch.ones(n, dtype=torch.uint8)}
     layout = cod_sample(n, k, tc.retention, tc.retention_min, generator=g)
     head_bytes = head.numel() * head.element_size()
-    weights, needed = memory.model_bytes(drafter.parameters())
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        baseline = torch.cuda.memory_allocated(device)
-    else:
-        baseline = memory.rss_bytes()
+    _, needed = memory.model_bytes(drafter.parameters())
+    resident = memory.tensor_bytes([*drafter.parameters(), head])
+    baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else resident
     row: dict[str, Any] = {"elements": len(layout), "baseline_mb": baseline / MB,
                            "params_m": sum(p.numel() for p in drafter.parameters()) / 1e6}
     step_s = []
+    peak: int | None = None
     try:
-        with memory.memory_budget(spec["budget_mb"], device, resident_bytes=weights + head_bytes,
-                                  required_bytes=needed + head_bytes):
+        with memory.metered(spec["budget_mb"], device, resident_bytes=resident,
+                            required_bytes=needed + head_bytes) as meter:
             builder = MaskBuilder(spec["strategy"], n, k)  # its precomputation counts too
             for _ in range(spec["repeats"]):
                 sync(device)
@@ -106,19 +105,13 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                 sync(device)
                 step_s.append(time.perf_counter() - t0)
                 del ex
-        row["status"] = "ok"
-    except memory.BudgetExceeded as err:
-        row.update(status="OOM", error=err.error)
-    except Exception as err:  # noqa: BLE001 - only allocation failures are results
-        if not memory.is_oom(err):
-            raise
-        # Without a budget: the device's own memory ran out (CUDA raises; CPU would be killed).
-        row.update(status="OOM", error=str(err).strip().splitlines()[-1][:400])
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    row.update(peak_mb=peak / MB, peak_over_baseline_mb=(peak - baseline) / MB,
+            peak = meter.peak_bytes()
+        row.update(status="ok", memory_measure=meter.measure)
+    except memory.BudgetExceeded as err:  # past the budget, or (CUDA, no budget) the device is full
+        peak = err.peak_bytes
+        row.update(status="OOM", error=err.error, memory_measure=err.measure)
+    row.update(peak_mb=None if peak is None else peak / MB,
+               peak_over_baseline_mb=None if peak is None else (peak - baseline) / MB,
                step_s=step_s[-1] if step_s and row["status"] == "ok" else None, steps_run=len(step_s))
     return row
 
@@ -206,8 +199,8 @@ def run_sweep(cfg, out: str | Path, *, config_files: list[str], device: str | No
         res = _run_child(spec, cfg.runtime.threads, timeout_s)
         row = {**conf, "k": sc.memory_k, "hidden_size": hidden_size, "device": device, "budget_mb": budget_mb,
                **{key: res.get(key) for key in ("status", "elements", "peak_mb", "baseline_mb",
-                                                 "peak_over_baseline_mb", "step_s", "steps_run", "wall_s",
-                                                 "error")}}
+                                                 "peak_over_baseline_mb", "memory_measure", "step_s",
+                                                 "steps_run", "wall_s", "error")}}
         step = f"{row['step_s']:.3f} s/step" if row["step_s"] is not None else "-"
         peak = f"{row['peak_mb']:.0f} MB peak" if row["peak_mb"] is not None else "-"
         log(f"{conf['strategy']:>9} ctx={conf['ctx']:>6} S={conf['partitions']}: {row['status']:<7} {peak}, {step}")
@@ -218,12 +211,13 @@ def run_sweep(cfg, out: str | Path, *, config_files: list[str], device: str | No
         "what": "peak training memory and step time vs context length (S = 1) and vs partitions S",
         "method": {
             "isolation": "one subprocess per configuration (python -m peagle.bench.memory --child SPEC)",
-            "memory": ("CPU: ru_maxrss of the child (peak resident set, includes the interpreter and "
-                       "libraries: baseline_mb is the RSS once the drafter exists); CUDA: "
-                       "torch.cuda.max_memory_allocated"),
+            "memory": ("peagle.memory.metered, as training runs: CPU: live-tensor accountant (weights + LM "
+                       "head + bytes of live tensor storages, deterministic; baseline_mb = weights + head); "
+                       "CUDA: torch.cuda.max_memory_allocated (baseline_mb: allocated once the drafter exists)"),
             "step": (f"{repeats} training steps (mask, forward, backward, AdamW step) on one synthetic example; "
                      "step_s is the last one"),
-            "budget": "peagle.memory cap (RLIMIT_AS on CPU / memory fraction on CUDA); allocation failure = OOM",
+            "budget": ("CPU: live bytes past the budget = OOM (accountant); CUDA: allocation failure under "
+                       "the memory fraction = OOM"),
             "data": "random token ids and hidden states; COD sample with train.retention at depth scaling.memory_k",
             "drafter": "configured architecture at hidden_size, random weights",
         },

@@ -414,7 +414,7 @@ def write_table2(cfg: Config, target_json: str | Path, hidden_dir: str | Path, o
                        "(methods.eagle3 layers, parallel=False, frozen embeddings; see setting.eagle3)",
         },
         "paper_setting": "2048 tokens, K=8, 128 examples; epoch on 8xH200 (hours)",
-        "example_seeds": {"cod_example_i": "train.seed * 1000003 + i", "drafter_init": cfg.train.seed},
+        "example_seeds": {"cod_example_i": "train.seeds[0] * 1000003 + i", "drafter_init": cfg.train.seed},
         "started": started,
         "wall_s": time.perf_counter() - t0,
         **details,

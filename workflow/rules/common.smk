@@ -135,17 +135,31 @@ TARGET_NAMES = [t.name for t in CFG.targets]
 TARGET_JSON = f"{R}/targets/{{target}}/target.json"
 RESPONSES = f"{R}/targets/{{target}}/responses/train.jsonl"
 HIDDEN_MANIFEST = f"{R}/targets/{{target}}/hidden/manifest.json"
-DRAFTER_DIR = f"{R}/drafters/{{target}}/{{method}}_ctx{{ctx}}"
+# One drafter per target x method x training context x training seed (train.seeds: drafter
+# initialisation, COD sampling and data order). Tables 1 and 9 take every seed's evaluation (mean
+# and standard deviation per cell); the stages that use one drafter per cell (drafting cost, the
+# vLLM stage, compare-drafter) take the first seed's, FIRST_SEED.
+SEEDS = list(CFG.train.seeds)
+FIRST_SEED = SEEDS[0]
+RUN = "{method}_ctx{ctx}_s{seed}"
+DRAFTER_DIR = f"{R}/drafters/{{target}}/{RUN}"
 # summary.json is written by every run, also one that ends OOM or infeasible (then without final/).
 DRAFTER_SUMMARY = f"{DRAFTER_DIR}/summary.json"
-EVAL_JSON = f"{R}/eval/{{target}}/{{method}}_ctx{{ctx}}/{{evalset}}_k{{k}}.json"
-TRAIN_BENCH = f"{BENCH}/train/{{target}}/{{method}}_ctx{{ctx}}.tsv"
-EVAL_BENCH = f"{BENCH}/evaluate/{{target}}/{{method}}_ctx{{ctx}}/{{evalset}}_k{{k}}.tsv"
+EVAL_JSON = f"{R}/eval/{{target}}/{RUN}/{{evalset}}_k{{k}}.json"
+TRAIN_BENCH = f"{BENCH}/train/{{target}}/{RUN}.tsv"
+EVAL_BENCH = f"{BENCH}/evaluate/{{target}}/{RUN}/{{evalset}}_k{{k}}.tsv"
+
+
+def first_seed(pattern):
+    """``pattern`` with its {seed} wildcard set to FIRST_SEED (other wildcards stay)."""
+    return pattern.replace("{seed}", str(FIRST_SEED))
+
 TABLE1_CSV = f"{TABLES_DIR}/table1.csv"
 TABLE1_PROVENANCE = f"{TABLES_DIR}/table1.provenance.json"
 TABLE9_CSV = f"{TABLES_DIR}/table9.csv"
 TABLE9_PROVENANCE = f"{TABLES_DIR}/table9.provenance.json"
 DRAFTING_COST_CSV = f"{TABLES_DIR}/drafting_cost.csv"
+TARGET_QUALITY_CSV = f"{TABLES_DIR}/target_quality.csv"
 COMPARISON = f"{TABLES_DIR}/comparison.md"
 
 
@@ -159,7 +173,8 @@ def for_target(pattern, name):
     return pattern.replace("{target}", name)
 
 
-# Table 1's cells: every method x training context, on one target, evaluation set and depth k.
+# Table 1's cells: every method x training context, on one target, evaluation set and depth k
+# (each cell: one run per seed, `seed=SEEDS` in the table rules).
 TABLE1_CELLS = dict(
     target=[CFG.table1_target], method=CFG.table1.methods, ctx=CFG.table1.contexts,
     evalset=[CFG.table1.eval_set], k=[CFG.table1.k],
@@ -196,6 +211,11 @@ class ConfigArgs:
 CONFIG_ARGS = ConfigArgs(CONFIG_FILES)
 _EFFECTIVE = CFG.to_dict()  # the validated config, defaults filled in
 _EFFECTIVE["targets_in_effect"] = [dataclasses.asdict(t) for t in CFG.targets]
+# A training run's seed is its {seed} wildcard, so train.seeds is no setting of any one job:
+# adding a seed trains the new seed's drafters and leaves the others be. Jobs that use the first
+# seed (the benchmarks) depend on "first_seed".
+_EFFECTIVE["train"].pop("seeds")
+_EFFECTIVE["first_seed"] = FIRST_SEED
 
 
 def settings(*keys):
@@ -203,8 +223,8 @@ def settings(*keys):
 
     Snakemake's params rerun trigger then reruns exactly the jobs whose settings changed, and the
     jobs downstream of them through modification times. ``keys`` are dotted ("train",
-    "eval.sets"); values are those in effect (defaults filled in). The package version is
-    included so that a release bump reruns everything.
+    "eval.sets"); values are those in effect (defaults filled in), without train.seeds (see
+    above). The package version is included so that a release bump reruns everything.
     """
     import peagle
 
@@ -271,12 +291,20 @@ def compare_spec(wildcards):
 
 
 def compare_drafter_input(wildcards):
-    """The drafter as a DAG input: a drafter this run trains (R/drafters/T/M_ctxN[/final]) is made
-    first, through its summary.json; any other directory must exist."""
+    """The drafter as a DAG input: a drafter this run trains (R/drafters/T/M_ctxN_sSEED[/final], SEED
+    one of train.seeds) is made first, through its summary.json; any other directory must exist."""
     import re
 
     drafter = compare_spec(wildcards)["drafter"].rstrip("/")
-    m = re.fullmatch(rf"{re.escape(R)}/drafters/([^/]+)/([a-z0-9]+)_ctx(\d+)(/final)?", drafter)
-    if m:
-        return DRAFTER_SUMMARY.format(target=m.group(1), method=m.group(2), ctx=m.group(3))
+    m = re.fullmatch(rf"{re.escape(R)}/drafters/([^/]+)/([a-z0-9]+)_ctx(\d+)_s(\d+)(/final)?", drafter)
+    if m and int(m.group(4)) in SEEDS:
+        return DRAFTER_SUMMARY.format(target=m.group(1), method=m.group(2), ctx=m.group(3), seed=m.group(4))
+    if not os.path.exists(drafter):
+        path = f"compare/{wildcards.name}.yaml"
+        if m:
+            raise WorkflowError(f"{path}: {drafter} is a drafter of seed {m.group(4)}, which is not one of "
+                                f"train.seeds {SEEDS}; add it (e.g. --configfile config/tiny-seeds.yaml)")
+        if re.fullmatch(rf"{re.escape(R)}/drafters/[^/]+/[a-z0-9]+_ctx\d+(/final)?", drafter):
+            raise WorkflowError(f"{path}: {drafter} does not exist; drafters are named per training seed, "
+                                f"..._ctxN_s<seed> (e.g. _s{FIRST_SEED})")
     return drafter

@@ -5,6 +5,9 @@
 #   snakemake --cores all compare/mine.md        # + compare/mine.csv, compare/mine_al_vs_k.png
 #
 # Same evaluation sets, K values and settings as the baselines (table9.*, drafting_cost.*, eval.*).
+# The baselines are one drafter per cell, the first of train.seeds (Table 9's cell of that seed, and
+# the drafting-cost sweep, made with that seed's drafters): no seed spread. A drafter of this DAG
+# is named with its seed, e.g. results/tiny/drafters/tiny-llama/peagle_ctx256_s0/final.
 
 
 rule compare_drafter:

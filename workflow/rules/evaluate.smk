@@ -1,5 +1,5 @@
-# Acceptance length of one drafter on one evaluation set at speculation depth k. A training run
-# that ended OOM or infeasible gives a result file with that status (no decoding).
+# Acceptance length of one drafter (one seed's run) on one evaluation set at speculation depth k.
+# A training run that ended OOM or infeasible gives a result file with that status (no decoding).
 
 
 rule evaluate:
@@ -17,7 +17,7 @@ rule evaluate:
         ),
         run_dir=lambda wildcards, input: os.path.dirname(input.summary),
     log:
-        f"{LOGS}/evaluate/{{target}}/{{method}}_ctx{{ctx}}/{{evalset}}_k{{k}}.log",
+        f"{LOGS}/evaluate/{{target}}/{RUN}/{{evalset}}_k{{k}}.log",
     benchmark:
         EVAL_BENCH
     threads: TORCH_THREADS
@@ -27,4 +27,4 @@ rule evaluate:
         "../../envs/core.yaml"
     shell:
         "python -m peagle evaluate {params.config} --target {input.target} --drafter {params.run_dir}"
-        " --prompts {input.prompts} --k {wildcards.k} --out {output.result} > {log} 2>&1"
+        " --prompts {input.prompts} --k {wildcards.k} --seed {wildcards.seed} --out {output.result} > {log} 2>&1"

@@ -21,7 +21,7 @@ rule table2:
     params:
         config=CONFIG_ARGS,
         digest=CONFIG_DIGEST,
-        settings=settings("seed", "scaling", "train", "drafter", "methods", "runtime"),
+        settings=settings("seed", "first_seed", "scaling", "train", "drafter", "methods", "runtime"),
         hidden_dir=lambda wildcards, input: os.path.dirname(input.hidden),
     log:
         f"{LOGS}/table2.log",
@@ -68,7 +68,9 @@ rule memory_scaling:
     params:
         config=CONFIG_ARGS,
         digest=CONFIG_DIGEST,
-        settings=settings("seed", "scaling", "train", "drafter", "target.hidden_size", "target.vocab_size", "runtime"),
+        settings=settings(
+            "seed", "first_seed", "scaling", "train", "drafter", "target.hidden_size", "target.vocab_size", "runtime"
+        ),
     log:
         f"{LOGS}/memory_scaling.log",
     benchmark:

@@ -1,16 +1,17 @@
 # Paper tables. One path per table whichever profile fills it; each CLI writes a provenance
 # sidecar (*.provenance.json, peagle.provenance.write_table) with the profile, config digest,
 # commit, machine, inputs and measured wall times. `digest` (CONFIG_DIGEST) is a param of every
-# table rule: another profile or a changed setting rewrites the table.
+# table rule: another profile or a changed setting rewrites the table. Tables 1 and 9 take every
+# seed of train.seeds per cell (mean and standard deviation); drafting cost the first seed's drafters.
 
 
 rule table1:
     input:
         target=for_target(TARGET_JSON, CFG.table1_target),
-        evals=expand(EVAL_JSON, **TABLE1_CELLS),
+        evals=expand(EVAL_JSON, seed=SEEDS, **TABLE1_CELLS),
         train_benchmarks=expand(TRAIN_BENCH, target=CFG.table1_target, method=CFG.table1.methods,
-                                ctx=CFG.table1.contexts),
-        eval_benchmarks=expand(EVAL_BENCH, **TABLE1_CELLS),
+                                ctx=CFG.table1.contexts, seed=SEEDS),
+        eval_benchmarks=expand(EVAL_BENCH, seed=SEEDS, **TABLE1_CELLS),
         stage_benchmarks=stage_benchmarks(CFG.table1_target),
     output:
         table=report(TABLE1_CSV, caption="../report/table1.rst", category="Tables"),
@@ -33,7 +34,7 @@ rule table1:
 
 rule table9:
     input:
-        evals=expand(EVAL_JSON, **TABLE9_CELLS),
+        evals=expand(EVAL_JSON, seed=SEEDS, **TABLE9_CELLS),
     output:
         table=report(TABLE9_CSV, caption="../report/table9.rst", category="Tables"),
         provenance=TABLE9_PROVENANCE,
@@ -52,19 +53,21 @@ rule table9:
 
 
 # Drafting cost (the CPU counterpart of Table 10): per target, every drafting_cost method's
-# Table 9 drafter at each K, measured by the engine at concurrency 1; then one table.
+# Table 9 drafter of the first seed (FIRST_SEED) at each K, measured by the engine at concurrency
+# 1; then one table.
 rule drafting_cost_target:
     input:
         target=TARGET_JSON,
         summaries=lambda wildcards: expand(
-            DRAFTER_SUMMARY, target=wildcards.target, method=CFG.drafting_cost.methods, ctx=CFG.table9.ctx
+            first_seed(DRAFTER_SUMMARY), target=wildcards.target, method=CFG.drafting_cost.methods,
+            ctx=CFG.table9.ctx,
         ),
         prompts=f"{R}/data/eval_{CFG.drafting_cost.eval_set}.jsonl",
     output:
         table=f"{R}/drafting_cost/{{target}}.csv",
     params:
         config=CONFIG_ARGS,
-        settings=settings("drafting_cost", "runtime"),
+        settings=settings("drafting_cost", "runtime", "first_seed"),
         run_dirs=lambda wildcards, input: [os.path.dirname(s) for s in input.summaries],
     log:
         f"{LOGS}/drafting_cost/{{target}}.log",

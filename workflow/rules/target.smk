@@ -47,3 +47,29 @@ rule respond:
     shell:
         "python -m peagle respond {params.config} --target {input.target} --prompts {input.prompts}"
         " --out {output.responses} > {log} 2>&1"
+
+
+# Does each target write text like its training data (repetition and cap rate of its greedy
+# answers to held-out prompts beside the reference texts)? One table over all targets.
+rule target_quality:
+    input:
+        targets=expand(TARGET_JSON, target=TARGET_NAMES),
+        evals=[DATA_FILES[s] for s in ("mt_bench", "humaneval", "gsm8k")],
+    output:
+        table=report(TARGET_QUALITY_CSV, caption="../report/target_quality.rst", category="Tables"),
+    params:
+        config=CONFIG_ARGS,
+        digest=CONFIG_DIGEST,
+        data_dir=lambda wildcards, input: os.path.dirname(input.evals[0]),
+    log:
+        f"{LOGS}/target_quality.log",
+    benchmark:
+        f"{BENCH}/target_quality.tsv"
+    threads: TORCH_THREADS
+    resources:
+        **GPU_RESOURCES,
+    conda:
+        "../../envs/core.yaml"
+    shell:
+        "python -m peagle target-quality {params.config} --targets {input.targets}"
+        " --data-dir {params.data_dir} --out {output.table} > {log} 2>&1"

@@ -1,7 +1,8 @@
-# One drafter per (target, method, training context length). DRAFTER_DIR/final/ is the
+# One drafter per (target, method, training context length, seed). DRAFTER_DIR/final/ is the
 # vLLM-loadable model; summary.json is the run's result, also when the run ends OOM under
 # train.memory_budget_mb or infeasible under train.time_budget_s_per_epoch (then it records the
-# measurement and there is no final/). Those cells are results, so the job succeeds.
+# measurement and there is no final/). Those cells are results, so the job succeeds. The seed
+# (drafter initialisation, COD sampling, data order) is the {seed} wildcard, one of train.seeds.
 
 
 rule train:
@@ -16,7 +17,7 @@ rule train:
         hidden_dir=lambda wildcards, input: os.path.dirname(input.hidden),
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
     log:
-        f"{LOGS}/train/{{target}}/{{method}}_ctx{{ctx}}.log",
+        f"{LOGS}/train/{{target}}/{RUN}.log",
     benchmark:
         TRAIN_BENCH
     threads: TORCH_THREADS
@@ -26,4 +27,5 @@ rule train:
         "../../envs/core.yaml"
     shell:
         "python -m peagle train {params.config} --target {input.target} --hidden-dir {params.hidden_dir}"
-        " --method {wildcards.method} --ctx {wildcards.ctx} --out-dir {params.out_dir} > {log} 2>&1"
+        " --method {wildcards.method} --ctx {wildcards.ctx} --seed {wildcards.seed} --out-dir {params.out_dir}"
+        " > {log} 2>&1"

