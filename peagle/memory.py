@@ -423,7 +423,8 @@ def active_meter() -> MemoryMeter | None:
 
 def start_meter(budget_mb: int | None, device: torch.device | str, *, resident_bytes: int = 0,
                 required_bytes: int = 0) -> MemoryMeter:
-    """Measure this thread's memory from now on, under ``budget_mb`` MiB (None: measure only).
+    """Measure from now on -- this thread's tensors (CPU), the device's allocations (CUDA) --
+    under ``budget_mb`` MiB (None: measure only).
 
     resident_bytes: budgeted memory that already exists (weights, the target LM head): added to
     the accountant's count on CPU; already in the allocator's count on CUDA.

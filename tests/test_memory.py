@@ -268,7 +268,8 @@ def test_a_resumed_run_records_the_peaks_of_an_uninterrupted_one(tiny_artifacts,
     resumed = train_drafter(*args, tmp_path / "resumed", **_quiet())
 
     def peaks(name: str) -> list[float]:
-        return [json.loads(line)["peak_mem_mb"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["peak_mem_mb"] for line in lines]
 
     assert peaks("resumed") == peaks("straight") and len(peaks("straight")) == 8
     assert resumed["peak_mem_mb"] == straight["peak_mem_mb"]
