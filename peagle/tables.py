@@ -152,6 +152,16 @@ def spread_note(seeds: list[int] | None, n_seeds: int) -> dict[str, Any]:
                     "'OOM (2/3 seeds)', and has no mean or standard deviation; each seed's value: cells.*.per_seed"}
 
 
+def _add_run(cells: dict[Any, dict[int | None, dict[str, Any]]], key: Any, res: dict[str, Any], path: str,
+             seeds: list[int] | None, what: str) -> None:
+    """File one evaluation result under its cell and seed; a second result for both is an error."""
+    seed = seed_of(res, path, seeds)
+    runs = cells.setdefault(key, {})
+    if seed in runs:
+        raise TableError(f"{path}: a second result for {what}, seed {seed} (the first is {runs[seed]['file']})")
+    runs[seed] = {**res, "file": path}
+
+
 def _group_by_seed(cells: dict[Any, dict[int | None, dict[str, Any]]], seeds: list[int] | None,
                    describe: Any) -> int:
     """Check that every cell has a result for each seed (``train.seeds``, else the seeds any cell
@@ -186,12 +196,7 @@ def write_table1(cfg: Config, evals: list[str], benchmarks: list[str], out: str 
         if res["eval_set"] != t1.eval_set or res["k"] != t1.k:
             raise TableError(f"{path}: evaluated on {res['eval_set']} at K={res['k']}, but table1 wants "
                              f"{t1.eval_set} at K={t1.k} (config table1.eval_set / table1.k)")
-        seed = seed_of(res, str(path), seeds)
-        runs = cells.setdefault(key, {})
-        if seed in runs:
-            raise TableError(f"{path}: a second result for method {key[0]} at ctx {key[1]}, seed {seed} "
-                             f"(the first is {runs[seed]['file']})")
-        runs[seed] = {**res, "file": str(path)}
+        _add_run(cells, key, res, str(path), seeds, f"method {key[0]} at ctx {key[1]}")
     for method in t1.methods:
         for ctx in t1.contexts:
             if (method, ctx) not in cells:
@@ -315,12 +320,7 @@ def write_table9(cfg: Config, evals: list[str], out: str | Path,
             raise TableError(f"{path}: evaluation set {eval_set!r} is not one of {', '.join(EVAL_SET_ORDER)}")
         ks.setdefault(int(res["k"]), str(path))
         key = (target, eval_set, method)
-        seed = seed_of(res, str(path), seeds)
-        runs = cells.setdefault(key, {})
-        if seed in runs:
-            raise TableError(f"{path}: a second result for {method} on {target}/{eval_set}, seed {seed} "
-                             f"(the first is {runs[seed]['file']})")
-        runs[seed] = {**res, "file": str(path)}
+        _add_run(cells, key, res, str(path), seeds, f"{method} on {target}/{eval_set}")
         if target not in targets:
             targets.append(target)
     if not cells:
