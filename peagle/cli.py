@@ -127,13 +127,9 @@ def cmd_train(args) -> None:
     seed = cfg.train.seeds[0] if args.seed is None else args.seed
     cfg = cfg.for_seed(seed)
     _threads(cfg)
-    from peagle.io import atomic_write_json
     from peagle.train import train_drafter
 
     summary = train_drafter(cfg, args.target, args.hidden_dir, args.method, args.ctx, args.out_dir, log=_log)
-    if summary.get("seed") is None:  # an OOM / infeasible record: say which seed's run it measured
-        summary = {**summary, "seed": seed}
-        atomic_write_json(Path(args.out_dir) / "summary.json", summary)
     if summary.get("status") == "OOM":
         _log(f"OUT OF MEMORY under train.memory_budget_mb={summary['budget_mb']}: {summary['error']} "
              f"(recorded in {args.out_dir}/summary.json)")

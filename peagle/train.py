@@ -300,7 +300,7 @@ def train_drafter(
     if summary.get("status") != "ok":
         info = json.loads(Path(target_json).read_text())
         summary = {**summary, "method": method, "ctx": ctx, "drafter_layers": MethodPlan.of(cfg, method).num_layers,
-                   "target_name": info.get("name"), "target": info.get("path")}
+                   "target_name": info.get("name"), "target": info.get("path"), "seed": cfg.train.seed}
         atomic_write_json(out / "summary.json", summary)
     return summary
 

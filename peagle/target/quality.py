@@ -18,12 +18,6 @@ from peagle.textstats import compare_to_reference, response_stats
 __all__ = ["target_quality_rows"]
 
 
-def _prompt_ids(tok, record) -> list[int]:
-    ids = tok.apply_chat_template([{"role": "user", "content": record.turns[0]}], add_generation_prompt=True,
-                                  tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-
-
 def target_quality_rows(target_json: str | Path, data_dir: str | Path, sets: Sequence[str], *, n_prompts: int,
                         max_new_tokens: int, batch_size: int, device: str = "cpu", dtype: str = "float32",
                         log: Callable[[str], None] = lambda m: None) -> list[dict[str, Any]]:
@@ -34,6 +28,7 @@ def target_quality_rows(target_json: str | Path, data_dir: str | Path, sets: Seq
     """
     from peagle.data.schema import read_prompts
     from peagle.generate import eos_token_ids, generate_greedy_batch
+    from peagle.target.chat import render_prompt_ids
     from peagle.target import load_target
 
     model, tok, info = load_target(target_json, device=device, dtype=dtype)
@@ -44,7 +39,7 @@ def target_quality_rows(target_json: str | Path, data_dir: str | Path, sets: Seq
     rows = []
     for name in sets:
         recs = read_prompts(Path(data_dir) / f"eval_{name}.jsonl")[:n_prompts]
-        prompts = [_prompt_ids(tok, r) for r in recs]
+        prompts = [render_prompt_ids(tok, r.turns[0]) for r in recs]
         outs: list[list[int]] = []
         for b in range(0, len(prompts), batch_size):
             outs += [o[:max_new_tokens] for o in
