@@ -74,6 +74,16 @@ def cmd_target(args) -> None:
     from peagle.target import TinyTargetConfig, make_tiny_target
 
     data = Path(args.data_dir)
+    key, record_dir = None, Path(tc.recorded_dir or "results/recorded/targets") / tc.name
+    if tc.recorded_dir or args.record:
+        from peagle.target.recorded import record_key, reuse_recorded
+
+        key = record_key(tc, cfg.seed, json.loads((data / "manifest.json").read_text()))
+        if tc.recorded_dir and not args.record:
+            reused, why = reuse_recorded(record_dir, out, key)
+            _log(why)
+            if reused:
+                return
     train = read_prompts(data / "train.jsonl")
     heldout = [r for s in cfg.eval.sets for r in read_prompts(data / f"eval_{s}.jsonl")]
     arch = TinyTargetConfig(architecture=tc.architecture, hidden_size=tc.hidden_size, num_layers=tc.num_layers,
@@ -92,6 +102,13 @@ def cmd_target(args) -> None:
         _log(f"note: tokenizer has {info['vocab_size']} entries; the model's vocabulary is target.vocab_size={tc.vocab_size}")
     _log(f"tiny target: {info['num_parameters'] / 1e6:.2f}M parameters; "
          f"held-out next-token accuracy {info['heldout_next_token_accuracy']:.4f}")
+    if args.record:
+        from peagle.provenance import git_commit
+        from peagle.target.recorded import record_target
+
+        command = "python -m peagle " + " ".join(sys.argv[1:])
+        record_target(out, record_dir, key, commit=git_commit(), command=command)
+        _log(f"recorded {tc.name} in {record_dir}")
 
 
 def cmd_respond(args) -> None:
@@ -348,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", help="which of the profile's targets (default: the main `target`)")
     sp.add_argument("--data-dir", required=True)
     sp.add_argument("--out-dir", required=True)
+    sp.add_argument("--record", action="store_true",
+                    help="pretrain afresh and record the result in target.recorded_dir/<name> (tiny targets)")
     sp = add("respond", cmd_respond, "regenerate training responses with the target (greedy)")
     sp.add_argument("--target", required=True)
     sp.add_argument("--prompts", required=True)

@@ -117,6 +117,9 @@ class TargetConfig:
     moe_intermediate_size: int = 256
     # gpt_oss only: window of the sliding-attention layers (even layers; 128 in the real models).
     sliding_window: int = 128
+    # Tiny targets: a directory of recorded pretrained targets (<dir>/<name>/, peagle.target.recorded)
+    # reused when recorded with the same settings and data; None always pretrains.
+    recorded_dir: str | None = None
     # Loading: "auto" = the architecture's own (eager for gpt_oss, which has no SDPA; sdpa otherwise).
     attn_implementation: str = "auto"
     # Sharding (kind: hf): weights over num_devices GPUs of max_memory_gib each (None: one device,

@@ -118,6 +118,13 @@ def test_build_is_seeded_and_packing_isolates_documents(tokenizer):
             alone = m(input_ids=torch.tensor([d]), use_cache=False).logits[0]
             torch.testing.assert_close(packed[start:start + len(d)], alone, rtol=1e-9, atol=1e-9)
             start += len(d)
+    # A document that does not fit starts the next block (never split); the rest is padding.
+    ids, pos, lab = pack_sequences(docs, [0, 2, 0], seq_len=9, response_only_loss=True, pad_id=0)
+    assert ids.tolist() == [[1, 7, 8, 9, 2, 0, 0, 0, 0], [1, 10, 11, 12, 13, 2, 1, 14, 15]]
+    assert lab.tolist() == [[-100, 7, 8, 9, 2, -100, -100, -100, -100],
+                            [-100, -100, 11, 12, 13, 2, -100, 14, 15]]
+    assert pos[1].tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2]
+    assert pack_sequences([[1, 2, 3, 4, 5]], [0], seq_len=3)[0].tolist() == [[1, 2, 3]]  # truncated
 
 
 def test_qwen3_moe_builds_through_the_same_path(tokenizer):
@@ -191,3 +198,41 @@ def test_make_tiny_target_stage(records, tmp_path):
     assert (tmp_path / "T" / "pretrain_log.jsonl").read_text().count("\n") >= 1
     model, tok, _ = load_target(tmp_path / "T" / "target.json")
     assert len(tok) == info["vocab_size"] and model.config.num_hidden_layers == 4
+
+
+def test_recorded_target_is_reused_only_with_its_key_and_checksums(records, tmp_path):
+    from peagle.config import PretrainConfig, TargetConfig
+    from peagle.target.recorded import RecordError, record_key, record_target, reuse_recorded
+
+    built = tmp_path / "built"
+    make_tiny_target(built, records[:100], records[100:110], TinyTargetConfig(**SMALL), vocab_size=350,
+                     steps=3, seq_len=32, batch_size=2, lr=1e-3, warmup=1, progress=False)
+    manifest = {"files": {"train.jsonl": {"sha256": "a" * 64}, "eval_gsm8k.jsonl": {"sha256": "b" * 64}}}
+    key = record_key(TargetConfig(recorded_dir="anywhere"), 0, manifest)
+    assert record_key(TargetConfig(recorded_dir="elsewhere"), 0, manifest) == key  # where it lives is not a setting
+    rec = tmp_path / "recorded" / "tiny-llama"
+    meta = record_target(built, rec, key, commit="abc", command="peagle target --record")
+    assert "model/model.safetensors" in meta["files"] and "target.json" in meta["files"]
+
+    out = tmp_path / "run" / "tiny-llama"
+    (out / "responses").mkdir(parents=True)
+    (out / "responses" / "train.jsonl").write_text("later stage\n")
+    reused, why = reuse_recorded(rec, out, key)
+    assert reused and "abc" in why
+    assert (out / "responses" / "train.jsonl").read_text() == "later stage\n"  # other outputs kept
+    m1, _, _ = load_target(built / "target.json")
+    m2, _, info = load_target(out / "target.json")
+    assert info == read_target_json(built / "target.json")
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+
+    other = record_key(TargetConfig(pretrain=PretrainConfig(steps=7)), 0, manifest)
+    reused, why = reuse_recorded(rec, tmp_path / "x", other)
+    assert not reused and "pretrain.steps (recorded 600, now 7)" in why and not (tmp_path / "x").exists()
+    moved = {"files": {**manifest["files"], "train.jsonl": {"sha256": "c" * 64}}}
+    assert "data_files.train.jsonl" in reuse_recorded(rec, tmp_path / "x", record_key(TargetConfig(), 0, moved))[1]
+    assert not reuse_recorded(tmp_path / "none", tmp_path / "x", key)[0]
+
+    weights = rec / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    with pytest.raises(RecordError, match=r"model\.safetensors: checksum differs .*make record-targets"):
+        reuse_recorded(rec, tmp_path / "y", key)

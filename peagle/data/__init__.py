@@ -13,7 +13,7 @@ from peagle.data.schema import (
     read_prompts,
     write_prompts,
 )
-from peagle.data.tiny import TinyDataError, make_math_problem, make_tiny_data, scan_stdlib
+from peagle.data.tiny import TinyDataError, make_math_problem, make_tiny_data
 
 __all__ = [
     "DATA_FILES",
@@ -32,7 +32,6 @@ __all__ = [
     "make_tiny_data",
     "read_prompts",
     "rows_to_records",
-    "scan_stdlib",
     "validate_data_dir",
     "write_data_dir",
     "write_prompts",

@@ -13,6 +13,10 @@ from peagle.io import atomic_dir, atomic_write_json, atomic_write_text
 from peagle.target.chat import render_training_example
 from peagle.target.tokenizer import save_tokenizer
 
+# What a given config and data pretrain into also depends on this code (tokenizer training,
+# packing, the optimiser): bump the version whenever a change here alters the weights, so that
+# recorded targets (peagle.target.recorded) made by older code are rebuilt, not reused.
+RECIPE_VERSION = 2
 
 def _to_token_sequences(tokenizer, items: Sequence[Any]) -> tuple[list[list[int]], list[int], int]:
     """Normalise pretraining inputs to token sequences + prompt lengths (0 = no prompt part).
@@ -61,33 +65,44 @@ def _lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float) -> Call
 
 
 def pack_sequences(seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], seq_len: int,
-                   response_only_loss: bool = False):
-    """Concatenate sequences and cut into blocks of ``seq_len`` (tail remainder dropped).
+                   response_only_loss: bool = False, pad_id: int = 0):
+    """Pack whole documents, in order, into blocks of ``seq_len`` tokens.
 
     Returns ``(input_ids [nb, seq_len], position_ids [nb, seq_len], labels [nb, seq_len])`` int64.
-    Position ids restart at 0 on every document, which makes transformers 5 mask attention per
-    document (packed-sequence detection when ``attention_mask`` is None); labels are -100 at a
-    document start (predicting it from the previous document is meaningless) and, with
-    ``response_only_loss``, on prompt tokens.
+    A document that does not fit in the current block starts the next one, so no document is split
+    across blocks: a continuation block would train the answer without its prompt in view (a list
+    item or a name the answer must copy), which teaches the target to make them up. Documents
+    longer than ``seq_len`` are truncated to it (raise ``seq_len``); the rest of a block is padding
+    (``pad_id``, label -100). Position ids restart at 0 on every document, which makes
+    transformers 5 mask attention per document (packed-sequence detection when ``attention_mask``
+    is None); labels are -100 at a document start (predicting it from the previous document is
+    meaningless) and, with ``response_only_loss``, on prompt tokens.
     """
     import torch
 
+    blocks: list[tuple[list[int], list[int], list[int]]] = []
     ids: list[int] = []
     pos: list[int] = []
     lab: list[int] = []
+
+    def close() -> None:
+        pad = seq_len - len(ids)
+        blocks.append((ids + [pad_id] * pad, pos + list(range(pad)), lab + [-100] * pad))
+
     for s, pl in zip(seqs, prompt_lens):
-        n = len(s)
+        s = list(s)[:seq_len]
+        if ids and len(ids) + len(s) > seq_len:
+            close()
+            ids, pos, lab = [], [], []
         ids.extend(s)
-        pos.extend(range(n))
-        for j, t in enumerate(s):
-            lab.append(-100 if j == 0 or (response_only_loss and j < pl) else int(t))
-    nb = len(ids) // seq_len
-    if nb == 0:
-        raise ValueError(f"pretraining data has {len(ids)} tokens, fewer than one block of "
-                         f"seq_len={seq_len}; add data or lower target.pretrain.seq_len")
-    n = nb * seq_len
-    as_t = lambda x: torch.tensor(x[:n], dtype=torch.long).view(nb, seq_len)  # noqa: E731
-    return as_t(ids), as_t(pos), as_t(lab)
+        pos.extend(range(len(s)))
+        lab.extend(-100 if j == 0 or (response_only_loss and j < pl) else int(t) for j, t in enumerate(s))
+    if ids:
+        close()
+    if not blocks:
+        raise ValueError("pretraining data is empty; add data")
+    as_t = lambda i: torch.tensor([b[i] for b in blocks], dtype=torch.long)  # noqa: E731
+    return as_t(0), as_t(1), as_t(2)
 
 
 def evaluate_next_token_accuracy(model, tokenizer, records: Sequence[Any], *,
@@ -160,9 +175,10 @@ def pretrain_tiny_target(model, tokenizer, train: Sequence[Any], eval_records: S
             raise ValueError(f"pretrain_tiny_target: {name}={v} must be >= 1")
     max_pos = int(getattr(model.config, "max_position_embeddings", 1 << 30))
     seqs, plens, skipped = _to_token_sequences(tokenizer, train)
-    truncated = sum(len(s) > max_pos for s in seqs)
+    truncated = sum(len(s) > min(max_pos, seq_len) for s in seqs)
     seqs = [s[:max_pos] for s in seqs]
-    input_ids, position_ids, labels = pack_sequences(seqs, plens, seq_len, response_only_loss)
+    pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+    input_ids, position_ids, labels = pack_sequences(seqs, plens, seq_len, response_only_loss, pad_id)
     nb = input_ids.shape[0]
     device = next(model.parameters()).device
 
@@ -232,7 +248,7 @@ def pretrain_tiny_target(model, tokenizer, train: Sequence[Any], eval_records: S
         "steps": steps, "seq_len": seq_len, "batch_size": batch_size, "lr": lr, "warmup": warmup,
         "schedule": schedule, "seed": seed, "num_parameters": count_parameters(model),
         "train_sequences": len(seqs), "train_skipped_without_reference": skipped,
-        "train_truncated": truncated, "train_tokens_available": int(nb * seq_len),
+        "train_truncated": truncated, "train_tokens_available": sum(min(len(x), seq_len) for x in seqs),
         "num_blocks": nb, "epochs": epochs + cursor / nb, "tokens_seen": tokens_seen,
         "train_loss_first": sum(losses[:k]) / k, "train_loss_last": sum(losses[-k:]) / k,
         "wall_s": wall, "tokens_per_s": tokens_seen / max(wall, 1e-9),

@@ -132,6 +132,14 @@ DATA_FILES = {
 # Per target (the profile's `target` and `extra_targets`, by name): the model record, its
 # regenerated responses, hidden states, drafters and evaluations.
 TARGET_NAMES = [t.name for t in CFG.targets]
+
+
+def recorded_target(wildcards):
+    """The record of a recorded tiny target (peagle.target.recorded), if there is one: an input
+    of the target rule, so a re-recorded target reruns what depends on it."""
+    tc = CFG.target_named(wildcards.target)
+    record = os.path.join(tc.recorded_dir or "", tc.name, "record.json")
+    return [record] if tc.kind == "tiny" and tc.recorded_dir and os.path.exists(record) else []
 TARGET_JSON = f"{R}/targets/{{target}}/target.json"
 RESPONSES = f"{R}/targets/{{target}}/responses/train.jsonl"
 HIDDEN_MANIFEST = f"{R}/targets/{{target}}/hidden/manifest.json"

@@ -7,6 +7,8 @@ rule target:
     input:
         train=DATA_FILES["train"],
         evals=[DATA_FILES[s] for s in ("mt_bench", "humaneval", "gsm8k")],
+        manifest=DATA_FILES["manifest"],
+        recorded=recorded_target,
     output:
         target=TARGET_JSON,
     params:
