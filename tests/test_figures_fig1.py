@@ -62,9 +62,9 @@ def test_cli_fig1(tmp_path):
                  "--out", str(out), "--target-name", "tiny-llama"]) == 0
     df = pd.read_csv(out.with_suffix(".csv"))
     assert df.loc[0, "max"] == 303 and df.loc[0, "n"] == 3
-    # Default markers: table1.contexts of the profile (32, 128, 256, 640).
+    # Default markers: table1.contexts of the profile (64, 128, 256, 640).
     assert [c for c in df.columns if c.startswith("share_over_")] == [
-        "share_over_32", "share_over_128", "share_over_256", "share_over_640"]
+        "share_over_64", "share_over_128", "share_over_256", "share_over_640"]
     assert main(["fig1", "--config", str(ROOT / "config" / "tiny.yaml"), "--responses", str(resp),
                  "--out", str(out), "--contexts"]) == 0
     assert not any(c.startswith("share_over_") for c in pd.read_csv(out.with_suffix(".csv")).columns)
