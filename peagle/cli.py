@@ -74,12 +74,15 @@ def cmd_target(args) -> None:
     from peagle.target import TinyTargetConfig, make_tiny_target
 
     data = Path(args.data_dir)
-    key, record_dir = None, Path(tc.recorded_dir or "results/recorded/targets") / tc.name
-    if tc.recorded_dir or args.record:
+    if args.record and not tc.recorded_dir:
+        raise SystemExit(f"peagle target --record: target {tc.name!r} has no target.recorded_dir; "
+                         "set it in the profile (config/tiny.yaml: results/recorded/tiny/targets)")
+    key, record_dir = None, Path(tc.recorded_dir or ".") / tc.name
+    if tc.recorded_dir:
         from peagle.target.recorded import record_key, reuse_recorded
 
         key = record_key(tc, cfg.seed, json.loads((data / "manifest.json").read_text()))
-        if tc.recorded_dir and not args.record:
+        if not args.record:
             reused, why = reuse_recorded(record_dir, out, key)
             _log(why)
             if reused:
