@@ -47,7 +47,7 @@ def cmd_data(args) -> None:
 
         manifest = make_hf_data(args.out_dir, n_train=cfg.data.n_train, n_eval=cfg.data.n_eval,
                                 train_datasets=cfg.data.train_datasets, data_files=cfg.data.data_files,
-                                seed=cfg.seed)
+                                seed=cfg.seed, log=_log)
     _log(f"data written to {args.out_dir}: {json.dumps({k: v for k, v in manifest.items() if 'count' in k})}")
 
 

@@ -65,15 +65,22 @@ class DataConfig:
 
     source: Literal["synthetic", "hf"] = "synthetic"
     n_train: int = 3000
-    n_eval: int = 40
+    # Prompts per evaluation set; None = the full sets (hf: MT-Bench 80, HumanEval 164, GSM8K 1,319).
+    n_eval: int | None = 40
     # Hugging Face dataset names (see peagle.data.hf) used for training when source == "hf".
     train_datasets: list[str] = field(default_factory=lambda: ["ultrachat", "gsm8k", "opencodeinstruct"])
-    # Optional local files in the HF schema, keyed by dataset name (offline mirrors).
-    data_files: dict[str, str] = field(default_factory=dict)
+    # Optional local copies keyed by dataset name or name:split (offline clusters): a file, a
+    # directory, a glob or a list of them, in any layout peagle.data.hf knows for that dataset.
+    data_files: dict[str, str | list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(self.n_train >= 1, "data.n_train", "must be >= 1")
-        _check(self.n_eval >= 1, "data.n_eval", "must be >= 1")
+        _check(self.n_eval is None or self.n_eval >= 1, "data.n_eval", "must be >= 1, or null for the full sets")
+        _check(self.n_eval is not None or self.source == "hf", "data.n_eval",
+               "the synthetic data has no full set to take; give a number of prompts per set")
+        for key, value in self.data_files.items():
+            ok = isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value))
+            _check(ok, f"data.data_files.{key}", "must be a path, a directory, a glob or a non-empty list of them")
 
 
 @dataclass(frozen=True)
@@ -220,6 +227,10 @@ class TrainConfig:
     # Sequence partitioning (paper §3.2): segments per sequence, each run forward+backward on its
     # own (peagle.partition); same gradient, lower peak memory. 1 = off. Must be <= rows (T - 1).
     partitions: int = 1
+    # With partitions > 1: cut a sequence only into as many segments as keep each at most this
+    # many rows (peagle.partition.segments_for), so short sequences train whole. None: always
+    # ``partitions`` segments.
+    segment_rows: int | None = None
     mask_strategy: Literal["amortized", "pard", "reference", "maskfree"] = "amortized"
     max_mask_len: int = 8192
     # Cap on one training run's memory in MiB (weights, gradients, optimizer, activations;
@@ -264,6 +275,9 @@ class TrainConfig:
         _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
         _check(isinstance(self.partitions, int) and not isinstance(self.partitions, bool)
                and self.partitions >= 1, "train.partitions", "must be a positive integer")
+        _check(self.segment_rows is None or (isinstance(self.segment_rows, int) and not isinstance(self.segment_rows, bool)
+                                             and self.segment_rows >= 1),
+               "train.segment_rows", "must be a positive integer (rows per segment) or null")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
         _check(self.memory_budget_mb is None or self.memory_budget_mb >= 1, "train.memory_budget_mb",
                "must be >= 1 (MiB) or null")
@@ -292,6 +306,7 @@ class MethodConfig:
     cod: bool = True
     mask_strategy: Literal["amortized", "pard", "reference", "maskfree"] | None = None
     partitions: int | None = None
+    segment_rows: int | None = None
     embed_trainable: bool | None = None
     ttt_steps: int = 7
     ttt_decay: float = 0.8
@@ -300,12 +315,15 @@ class MethodConfig:
         _check(self.num_layers is None or self.num_layers >= 1, "*.num_layers", "must be >= 1")
         _check(self.partitions is None or (isinstance(self.partitions, int) and self.partitions >= 1),
                "*.partitions", "must be a positive integer or null")
+        _check(self.segment_rows is None or (isinstance(self.segment_rows, int) and self.segment_rows >= 1),
+               "*.segment_rows", "must be a positive integer or null")
         _check(self.ttt_steps >= 1, "*.ttt_steps", "must be >= 1")
         _check(0 < self.ttt_decay <= 1, "*.ttt_decay", "must be in (0, 1]")
         if not self.parallel:
-            _check(self.cod and self.mask_strategy is None and self.partitions is None, "*.parallel",
-                   "an autoregressive (parallel: false) method takes no cod/mask_strategy/partitions",
-                   involves=("*.cod", "*.mask_strategy", "*.partitions"))
+            _check(self.cod and self.mask_strategy is None and self.partitions is None
+                   and self.segment_rows is None, "*.parallel",
+                   "an autoregressive (parallel: false) method takes no cod/mask_strategy/partitions/segment_rows",
+                   involves=("*.cod", "*.mask_strategy", "*.partitions", "*.segment_rows"))
 
 
 # The four drafter families of the paper's comparisons; a profile's ``methods:`` is merged over these.

@@ -32,6 +32,7 @@ from peagle.cod import Layout
 __all__ = [
     "SegmentPlan",
     "check_partitions",
+    "segments_for",
     "segment_of",
     "partition_layout",
     "segment_example",
@@ -79,6 +80,17 @@ def check_partitions(partitions: object, n: int) -> int:
             f"segment needs at least one row; lower train.partitions to at most {n}"
         )
     return s
+
+
+def segments_for(n: int, partitions: int, segment_rows: int | None) -> int:
+    """How many segments a sequence of ``n`` rows is cut into: ``partitions``, or with
+    ``segment_rows`` set only as many as keep each segment at most that many rows wide
+    (``ceil(n / segment_rows)``, at most ``partitions``). Short sequences then train whole,
+    where partitioning would only repeat the context's forward pass; the gradient is the same
+    either way, so this changes time and memory, never the result."""
+    if segment_rows is None:
+        return partitions
+    return max(1, min(partitions, -(-n // segment_rows)))
 
 
 def segment_of(layout: Layout, n: int, partitions: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ from peagle.config import Config
 from peagle.drafters import DrafterSpec, PEagleDrafter, build_drafter, num_parameters
 from peagle.io import atomic_write_json
 from peagle.masks import AmortizedMask, pard_mask, reference_mask
-from peagle.partition import partitioned_backward
+from peagle.partition import partitioned_backward, segments_for
 
 class TrainingError(ValueError):
     """Bad training input: mismatched hidden states, nothing to train on, unknown method."""
@@ -50,6 +50,7 @@ class MethodPlan:
     num_layers: int
     mask_strategy: str
     partitions: int
+    segment_rows: int | None
     embed_trainable: bool
     depths: int  # K_train (parallel) or TTT steps (EAGLE-3): the per-depth accuracy columns
     ttt_decay: float
@@ -66,6 +67,7 @@ class MethodPlan:
             num_layers=m.num_layers if m.num_layers is not None else dc.num_layers,
             mask_strategy=m.mask_strategy or tc.mask_strategy,
             partitions=m.partitions if m.partitions is not None else (tc.partitions if m.parallel else 1),
+            segment_rows=m.segment_rows if m.segment_rows is not None else tc.segment_rows,
             embed_trainable=m.embed_trainable if m.embed_trainable is not None else dc.embed_trainable,
             depths=tc.k_train if m.parallel else m.ttt_steps,
             ttt_decay=m.ttt_decay,
@@ -366,7 +368,7 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
             shortest = rows if shortest is None else min(shortest, rows)
     if not usable:
         raise TrainingError(f"{hidden_dir}: no sequence has a supervised token within the first {ctx} tokens")
-    if plan.partitions > shortest:
+    if segments_for(shortest, plan.partitions, plan.segment_rows) > shortest:
         # Checked up front so that a run never stops halfway at the first short sequence.
         raise TrainingError(f"partitions={plan.partitions} (train.partitions / methods.{method}.partitions) "
                             f"exceeds the {shortest} rows of the shortest training sequence at ctx={ctx}; "
@@ -385,6 +387,7 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
             "retention": tc.retention if plan.cod else None,
             "retention_min": tc.retention_min if plan.cod else None, "loss": tc.loss,
             "mask_strategy": plan.mask_strategy if plan.parallel else None, "partitions": plan.partitions,
+            "segment_rows": plan.segment_rows if plan.parallel else None,
             "embed_trainable": plan.embed_trainable,
             "target": info["path"], "target_name": info.get("name"), "seed": tc.seed}
     metrics_path = out / "metrics.jsonl"
@@ -404,7 +407,9 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
         log(f"resuming from {last} at optimizer step {start_step}/{total_steps}")
     _write_jsonl_atomic(metrics_path, metrics)
 
-    what = f"mask={plan.mask_strategy}, partitions={plan.partitions}" if plan.parallel else f"ttt_steps={plan.depths}"
+    what = (f"mask={plan.mask_strategy}, partitions={plan.partitions}"
+            + (f" (segments of <= {plan.segment_rows} rows)" if plan.segment_rows and plan.partitions > 1 else "")
+            if plan.parallel else f"ttt_steps={plan.depths}")
     log(f"training {method} ctx={ctx}: {len(usable)} sequences, {total_steps} optimizer steps, "
         f"{num_parameters(drafter) / 1e6:.2f}M params, {plan.num_layers} layers, {what}")
     from tqdm import tqdm
@@ -450,10 +455,11 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
                           if plan.cod else full_grid(n, tc.k_train))
                 ex = build_example(rows, layout, spec.mask_token_id)
                 n_sup, n_el = int(ex.gate.sum()), len(layout)
-                if plan.partitions > 1:
+                segments = segments_for(n, plan.partitions, plan.segment_rows)
+                if segments > 1:
                     # Forward+backward segment by segment (paper §3.2): same gradient, less memory.
                     loss_sum, stats = partitioned_backward(
-                        drafter, target_head, ex, lambda lay: masks(lay, n), plan.partitions, tc.loss,
+                        drafter, target_head, ex, lambda lay: masks(lay, n), segments, tc.loss,
                         tc.k_train, n_sup, 1 / len(batch), chunk_rows=tc.loss_chunk_rows)
                 else:
                     loss_t, stats = example_loss(drafter, target_head, ex, masks(layout, n), tc.loss, tc.k_train,

@@ -181,6 +181,8 @@ def _annotation_shape(tp: Any) -> tuple:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         rest = [a for a in args if a is not type(None)]
+        if len(rest) == len(args):  # X | Y: the schema's oneOf
+            return ("oneof", frozenset(_annotation_shape(a) for a in args))
         assert len(rest) == 1 and len(args) == 2, f"unsupported union {tp}"
         return ("nullable", _annotation_shape(rest[0]))
     if origin is Literal:
@@ -198,6 +200,8 @@ def _annotation_shape(tp: Any) -> tuple:
 
 def _schema_shape(node: dict[str, Any]) -> tuple:
     """The same description, read from a schema node."""
+    if "oneOf" in node:
+        return ("oneof", frozenset(_schema_shape(n) for n in node["oneOf"]))
     if "enum" in node:
         assert "type" not in node, f"enum node with a type: {node}"
         if None in node["enum"]:  # a nullable enum lists null among its values

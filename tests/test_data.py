@@ -234,11 +234,14 @@ def test_opencodeinstruct_fixture(hf_cache: Path) -> None:
 
 
 def test_load_hf_prompts_rejects_wrong_schema_file(hf_cache: Path) -> None:
-    with pytest.raises(HFDataError, match="no column 'question'"):
-        load_hf_prompts("gsm8k", data_files=FIXTURES / HF_FIXTURE["humaneval"], cache_dir=hf_cache)
-    with pytest.raises(FileNotFoundError, match="data.data_files.gsm8k"):
+    humaneval = FIXTURES / HF_FIXTURE["humaneval"]
+    with pytest.raises(HFDataError, match=rf"{re.escape(str(humaneval))}: line 1 is in no layout .* columns found "
+                                          r"canonical_solution, entry_point, prompt, task_id, test; layouts known: "
+                                          r"openai/gsm8k \(question, answer\)"):
+        load_hf_prompts("gsm8k", data_files=humaneval, cache_dir=hf_cache)
+    with pytest.raises(HFDataError, match=r"data.data_files.gsm8k: .*missing.jsonl not found"):
         load_hf_prompts("gsm8k", data_files=FIXTURES / "missing.jsonl", cache_dir=hf_cache)
-    with pytest.raises(HFDataError, match="must end in"):
+    with pytest.raises(HFDataError, match=r"README.md is not a dataset file .* must end in one of .jsonl, .jsonl.gz"):
         load_hf_prompts("gsm8k", data_files=FIXTURES / "README.md", cache_dir=hf_cache)
 
 
@@ -246,10 +249,10 @@ def test_rows_to_records_errors_name_dataset_row_field() -> None:
     rows = [{"question": "1+1?", "answer": "#### 2"}, {"question": "2+2?"}]
     with pytest.raises(HFDataError) as err:
         rows_to_records("gsm8k", rows)
-    assert "gsm8k" in str(err.value) and "row 1" in str(err.value) and "'answer'" in str(err.value)
-    with pytest.raises(HFDataError, match=r"humaneval .*row 0: field 'prompt': expected str, got int"):
+    assert "gsm8k" in str(err.value) and "row 2" in str(err.value) and "'answer'" in str(err.value)  # 1-based
+    with pytest.raises(HFDataError, match=r"humaneval: openai/openai_humaneval row 1: field 'prompt': expected str, got int"):
         rows_to_records("humaneval", [{"task_id": "t", "prompt": 3, "canonical_solution": "", "test": "", "entry_point": "f"}])
-    with pytest.raises(HFDataError, match=r"row 0: field 'messages\[1\]'"):
+    with pytest.raises(HFDataError, match=r"row 1: field 'messages\[1\]'"):
         rows_to_records("ultrachat", [{"prompt": "p", "prompt_id": "x", "messages": [{"role": "user", "content": "p"}, "oops"]}])
     with pytest.raises(HFDataError, match="unknown dataset name 'alpaca'"):
         rows_to_records("alpaca", [])
@@ -273,6 +276,7 @@ def test_make_hf_data_from_fixtures(tmp_path: Path, hf_cache: Path) -> None:
     )
     data = validate_data_dir(tmp_path / "d", require_manifest=True)
     assert manifest["train_per_source"] == {"ultrachat": 2, "gsm8k": 2, "opencodeinstruct": 2}
+    assert manifest["train_requested_per_source"] == {"ultrachat": 2, "gsm8k": 2, "opencodeinstruct": 2}
     assert len(data["train"]) == 6 and {r.source for r in data["train"]} == {
         "HuggingFaceH4/ultrachat_200k", "openai/gsm8k", "nvidia/OpenCodeInstruct"}
     assert {r.id.rsplit("-", 1)[0] for r in data["train"] if r.source == "openai/gsm8k"} == {"gsm8k-train"}

@@ -9,7 +9,7 @@ from peagle import drafters
 from peagle.cod import Layout, cod_sample, full_grid
 from peagle.drafters import DrafterSpec, build_drafter
 from peagle.masks import reference_mask
-from peagle.partition import check_partitions, partition_layout, partitioned_backward, segment_of
+from peagle.partition import check_partitions, partition_layout, partitioned_backward, segment_of, segments_for
 from peagle.train import MaskBuilder, build_example, example_loss
 
 H, V, K = 16, 37, 4
@@ -177,28 +177,51 @@ def test_more_partitions_than_rows():
         partition_layout(layout, 5, 6)
 
 
-def test_training_with_partitions_matches_unpartitioned(tiny_artifacts, tiny_config, tmp_path):
-    """train.partitions routes train_drafter through partitioned_backward: same losses, same weights."""
+def test_training_with_partitions_matches_unpartitioned(tiny_artifacts, tiny_config, tmp_path, monkeypatch):
+    """methods.peagle.partitions routes train_drafter through partitioned_backward (segment_rows only
+    for the longer sequences): same losses, same weights."""
     from dataclasses import replace
 
     from peagle import checkpoint as ckpt
+    from peagle import train as train_mod
     from peagle.train import train_drafter
 
-    runs = {}
-    for parts in (1, 3):
-        cfg = replace(tiny_config, train=replace(tiny_config.train, partitions=parts, epochs=1))
-        out = tmp_path / f"s{parts}"
+    calls: list[int] = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[4])  # the segment count
+        return partitioned_backward(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "partitioned_backward", counted)
+    runs, segments = {}, {}
+    # (3, 16): in one run, the sequences of <= 16 rows (two of 13) train whole, the longer ones (19-23 rows at
+    # ctx 24) in 2 segments.
+    for parts, rows in ((1, None), (3, None), (3, 16)):
+        # On the method, where the profile sets them (methods.peagle overrides train.partitions).
+        peagle = replace(tiny_config.methods["peagle"], partitions=parts, segment_rows=rows)
+        cfg = replace(tiny_config, train=replace(tiny_config.train, epochs=1),
+                      methods={**tiny_config.methods, "peagle": peagle})
+        out = tmp_path / f"s{parts}_{rows}"
         train_drafter(cfg, tiny_artifacts["target_json"], tiny_artifacts["hidden_dir"], "peagle", 24, out,
                       progress=False, log=lambda m: None)
         metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        runs[parts] = (metrics, ckpt.load_drafter(out / "final")[0].state_dict())
-    (m1, w1), (m3, w3) = runs[1], runs[3]
-    assert [r["loss"] for r in m3] == pytest.approx([r["loss"] for r in m1], rel=1e-5)
-    assert [r["acc_d1"] for r in m3] == pytest.approx([r["acc_d1"] for r in m1], abs=0.02)
-    # fp32 rounding differs between the paths and Adam amplifies it on near-zero gradients; seen
-    # <= 3e-6 after 4 steps, against ~lr = 3e-3 per step for a genuinely different gradient.
-    for name in w1:
-        assert float((w1[name] - w3[name]).abs().max()) < 2e-5, name
+        runs[parts, rows] = (metrics, ckpt.load_drafter(out / "final")[0].state_dict())
+        segments[parts, rows], calls[:] = sorted(calls), []
+    assert segments == {(1, None): [], (3, None): [3] * 12, (3, 16): [2] * 10}
+    m1, w1 = runs[1, None]
+    for key in ((3, None), (3, 16)):
+        m3, w3 = runs[key]
+        assert [r["loss"] for r in m3] == pytest.approx([r["loss"] for r in m1], rel=1e-5), key
+        assert [r["acc_d1"] for r in m3] == pytest.approx([r["acc_d1"] for r in m1], abs=0.02), key
+        # fp32 rounding differs between the paths and Adam amplifies it on near-zero gradients; seen
+        # <= 3e-6 after 4 steps, against ~lr = 3e-3 per step for a genuinely different gradient.
+        for name in w1:
+            assert float((w1[name] - w3[name]).abs().max()) < 2e-5, (key, name)
+
+
+def test_segment_rows_caps_the_segment_width():
+    assert [segments_for(n, 4, 160) for n in (1, 160, 161, 320, 321, 617, 5000)] == [1, 1, 2, 2, 3, 4, 4]
+    assert segments_for(3, 4, None) == 4  # unset: always `partitions` (checked against n later)
 
 
 def test_config_rejects_bad_partitions():
@@ -208,3 +231,5 @@ def test_config_rejects_bad_partitions():
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ConfigError, match=r"train\.partitions"):
             TrainConfig(partitions=bad)
+        with pytest.raises(ConfigError, match=r"train\.segment_rows"):
+            TrainConfig(segment_rows=bad)
