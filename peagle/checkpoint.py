@@ -22,18 +22,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from peagle.drafter_files import CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, CheckpointError
 from peagle.drafters import DrafterSpec, PEagleDrafter
 from peagle.io import atomic_dir, read_json, sha256_file
 from peagle.speculators import is_speculators_config, spec_from_speculators, state_dict_from_speculators
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-STATE_NAME = "trainer_state.pt"
-
-
-class CheckpointError(ValueError):
-    """A drafter checkpoint is missing, incomplete or inconsistent."""
-
 
 MASK_TOKEN_KEYS = ("mask_token_id", "pard_token", "ptd_token_id")
 

@@ -273,6 +273,23 @@ def cmd_vllm_crosscheck(args) -> None:
     print(df.to_string(index=False))
 
 
+def cmd_plan(args) -> None:
+    from peagle.config import load_config
+    from peagle.io import atomic_write_text
+    from peagle.plan import PlanError, format_plan, load_rates, plan_profile
+
+    cfg = load_config(*(args.config or [DEFAULT_PROFILE]))
+    try:
+        rates = load_rates(args.rates, cfg.profile)
+        text = format_plan(cfg, plan_profile(cfg, rates, where=args.rates), rates, args.gpus)
+    except PlanError as err:
+        raise SystemExit(f"peagle plan: {err}") from None
+    print(text, end="")
+    if args.out:
+        atomic_write_text(args.out, text)
+        _log(f"plan written to {args.out}")
+
+
 def cmd_compare(args) -> None:
     from peagle.compare import compare_tables
     from peagle.config import load_config
@@ -470,6 +487,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_vllm_crosscheck)
     sp.add_argument("--results", nargs="+", required=True, help="vllm-eval JSONs (run with --engine-result)")
     sp.add_argument("--out", required=True, help="CSV (provenance sidecar written beside it)")
+    sp = sub.add_parser("plan", help="before a run: tokens, GPU-hours and disk per stage for the profile, "
+                        "from the rates file")
+    sp.set_defaults(fn=cmd_plan)
+    add_profile(sp, "to plan")
+    sp.add_argument("--rates", default="config/rates.yaml", help="lengths and rates with their sources")
+    sp.add_argument("--gpus", type=int, default=8, help="GPUs the wall-time estimate spreads over (default 8)")
+    sp.add_argument("--out", help="also write the report here")
     sp = sub.add_parser("compare", help="tables beside the paper's numbers, with verdicts and staleness "
                         "(default: the profile's recorded baselines)")
     sp.set_defaults(fn=cmd_compare)

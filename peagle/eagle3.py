@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from peagle.drafters import PEagleDrafter
+from peagle.losses import head_loss
 
 __all__ = ["StepAttention", "ttt_hidden", "ttt_loss"]
 
@@ -102,14 +103,13 @@ def ttt_loss(drafter: PEagleDrafter, target_head: torch.Tensor, rows: dict[str, 
     where the work runs. Step s's loss is the summed ``kind`` loss (``kl``: forward KL(target ||
     draft); ``ce``: cross-entropy on the target argmax) over its supervised elements divided by
     their count, weighted ``decay**s``; the result is the sum over steps (a step without
-    supervised elements adds nothing). chunk_rows: see :func:`peagle.train.head_loss`.
+    supervised elements adds nothing). chunk_rows: see :func:`peagle.losses.head_loss`.
 
     Returns (loss: scalar, stats) with stats ``correct``/``count`` LongTensor [steps]
     (argmax(draft) == argmax(target) over supervised elements, per step), ``elements`` (int, sum
     of m_s) and ``supervised`` (int). With nothing supervised the drafter is not run and the loss
     is a zero leaf that requires grad, so ``loss.backward()`` still works (and changes nothing).
     """
-    from peagle.train import head_loss  # deferred: peagle.train may import this module
 
     dev = target_head.device
     ids = rows["input_ids"].to(dev)

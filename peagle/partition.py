@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 
 from peagle.cod import Layout
+from peagle.losses import example_loss
 
 __all__ = [
     "SegmentPlan",
@@ -133,7 +134,7 @@ def partition_layout(layout: Layout, n: int, partitions: int) -> list[SegmentPla
 
 
 def segment_example(ex: Any, plan: SegmentPlan) -> Any:
-    """The :class:`peagle.train.Example` restricted to ``plan``'s elements, gate off on context.
+    """The :class:`peagle.example.Example` restricted to ``plan``'s elements, gate off on context.
 
     Every per-element tensor [L, ...] becomes [Ls, ...]; ``num_rows`` stays the whole sequence's n.
     """
@@ -165,7 +166,7 @@ def partitioned_backward(
     """Forward + backward of one example segment by segment; gradients accumulate in ``.grad``.
 
     Segment s backpropagates ``loss_s * scale / max(n_sup_total, 1)``, where loss_s is the loss
-    summed over its owned supervised elements (``peagle.train.example_loss``), so the total
+    summed over its owned supervised elements (:func:`peagle.losses.example_loss`), so the total
     gradient equals that of ``example_loss(...) * scale / max(n_sup_total, 1)`` on the whole
     example. Each segment's graph is freed before the next one is built, so peak activation and
     attention memory is that of the largest segment's [context + owned] elements.
@@ -175,10 +176,8 @@ def partitioned_backward(
     Returns (summed loss over all supervised elements as a float -- the same quantity as
     ``example_loss``'s first output --, stats with per-depth ``correct`` and ``count`` [k]).
     Segments without a supervised owned element contribute nothing and are skipped.
-    chunk_rows: see :func:`peagle.train.head_loss`.
+    chunk_rows: see :func:`peagle.losses.head_loss`.
     """
-    from peagle.train import example_loss  # deferred: peagle.train imports this module
-
     plans = partition_layout(ex.layout, ex.num_rows, partitions)
     total = 0.0
     correct = torch.zeros(k, dtype=torch.long)

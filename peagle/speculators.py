@@ -13,7 +13,7 @@ Only what :class:`peagle.drafters.PEagleDrafter` computes is accepted: a Llama d
 q/k norms, no biases, SiLU, plain RoPE), ``norm_before_residual: false``, no ``norm_before_fc`` /
 ``fc_norm`` / ``norm_output``, and the full target vocabulary (the engine drafts target ids
 directly; a reduced draft vocabulary is refused). Everything is checked on the config, before any
-weights are read; errors are :class:`peagle.checkpoint.CheckpointError` naming the file and field.
+weights are read; errors are :class:`peagle.drafter_files.CheckpointError` (also ``peagle.checkpoint.CheckpointError``) naming the file and field.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from peagle.drafter_files import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
 from peagle.drafters import DrafterSpec, PEagleDrafter
 
 MODEL_TYPES = {"eagle3": False, "peagle": True}  # speculators_model_type -> parallel
@@ -40,8 +41,6 @@ def is_speculators_config(cfg: Any) -> bool:
 
 
 def _error(path: Path, msg: str):
-    from peagle.checkpoint import CheckpointError
-
     return CheckpointError(f"{path}: speculators config {msg}")
 
 
@@ -160,8 +159,6 @@ def state_dict_from_speculators(tensors: dict[str, torch.Tensor], spec: DrafterS
     ``midlayer.*`` (older writers' layer 0) becomes ``layers.0.*``; an identity ``d2t``/``t2d`` is
     dropped; a non-identity mapping, a missing tensor or an unexpected one is an error.
     """
-    from peagle.checkpoint import CheckpointError
-
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         if name in IGNORED_TENSORS:
@@ -235,7 +232,6 @@ def save_speculators(model: PEagleDrafter, directory: str | Path, *, verifier: s
     """
     from safetensors.torch import save_file
 
-    from peagle.checkpoint import CONFIG_NAME, WEIGHTS_NAME
     from peagle.io import atomic_dir
 
     final = Path(directory)

@@ -1,5 +1,10 @@
 """Drafter training (DESIGN §3-5): one loop for every method of ``cfg.methods``.
 
+The loop lives here; what one step computes is library code the benchmarks share:
+:mod:`peagle.example` (a sequence's super-sequence and its mask), :mod:`peagle.losses` (the
+distillation loss) and :mod:`peagle.step` (one example's forward and backward, whole or
+partitioned), with EAGLE-3's training-time test in :mod:`peagle.eagle3`.
+
 Parallel drafters (P-EAGLE, PARD-style, ParallelSpec) train on super-sequences -- COD-sampled
 depths or the full n x K grid -- under the configured cross-depth mask strategy, optionally
 partitioned; EAGLE-3 trains by training-time test (``peagle.eagle3``). Same data, loss,
@@ -24,20 +29,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from peagle import checkpoint as ckpt
 from peagle import memory
-from peagle.attention import ElementMeta
-from peagle.cod import Layout, cod_sample, full_grid
+from peagle.cod import cod_sample, full_grid
 from peagle.config import Config
-from peagle.drafters import DrafterSpec, PEagleDrafter, build_drafter, num_parameters
+from peagle.drafters import DrafterSpec, build_drafter, num_parameters
+from peagle.example import MaskBuilder, TrainingError, build_example, load_rows, truncate
 from peagle.io import atomic_write_json
-from peagle.masks import AmortizedMask, pard_mask, reference_mask
-from peagle.partition import partitioned_backward, segments_for
+from peagle.partition import segments_for
+from peagle.step import parallel_backward
 
-class TrainingError(ValueError):
-    """Bad training input: mismatched hidden states, nothing to train on, unknown method."""
+__all__ = ["MethodPlan", "InfeasibleRun", "TrainingError", "train_drafter"]
 
 
 @dataclass(frozen=True)
@@ -83,160 +86,7 @@ class InfeasibleRun(RuntimeError):
         self.record = record
 
 
-# --------------------------------------------------------------------------- examples
-
-
-@dataclass
-class Example:
-    """One super-sequence, ready for the drafter (L elements, H hidden size)."""
-
-    input_ids: torch.Tensor  # [L] real token at depth 0, mask token above
-    hidden: torch.Tensor  # [L, 3H] target features of the anchor row (unused for mask slots)
-    is_mask: torch.Tensor  # [L] bool
-    positions: torch.Tensor  # [L] anchor + depth
-    target_hidden: torch.Tensor  # [L, H] target's final hidden state whose LM head gives z
-    gate: torch.Tensor  # [L] bool, supervised elements
-    layout: Layout
-    num_rows: int  # n, real tokens of the sequence
-
-
-def build_example(rows: dict[str, torch.Tensor], layout: Layout, mask_token_id: int) -> Example:
-    """Gather the per-element inputs and targets of ``layout`` from shifted rows.
-
-    Element (a, d) reads row a's token and features when d == 0, is a mask slot otherwise, sits at
-    position a + d, and is trained towards the target distribution of row a + d (DESIGN §3).
-    """
-    anchor, depth = layout.anchor, layout.depth
-    is_mask = depth > 0
-    target_row = anchor + depth
-    input_ids = torch.where(is_mask, torch.full_like(anchor, mask_token_id), rows["input_ids"][anchor])
-    return Example(
-        input_ids=input_ids,
-        hidden=rows["aux_hidden"][anchor],
-        is_mask=is_mask,
-        positions=target_row,
-        target_hidden=rows["target_hidden"][target_row],
-        gate=rows["loss_mask"][target_row].bool(),
-        layout=layout,
-        num_rows=int(rows["input_ids"].shape[0]),
-    )
-
-
-def truncate(seq: dict[str, torch.Tensor], ctx: int) -> dict[str, torch.Tensor]:
-    """Keep the first ``ctx`` tokens of a stored sequence (the training context length)."""
-    return {k: v[:ctx] for k, v in seq.items()}
-
-
-class MaskBuilder:
-    """The configured realisation of the cross-depth mask; all give the same attention.
-
-    amortized/pard/reference return a dense bool [L, L] mask; maskfree returns an
-    :class:`~peagle.attention.ElementMeta` (per-element tensors, no [L, L] mask).
-    """
-
-    def __init__(self, strategy: str, max_len: int, k: int) -> None:
-        self.strategy = strategy
-        self.k = k
-        if strategy == "amortized":
-            self._amortized = AmortizedMask(max_len, k)
-        elif strategy not in ("pard", "reference", "maskfree"):
-            raise TrainingError(f"unknown mask strategy {strategy!r} (config train.mask_strategy): "
-                                "use amortized, pard, reference or maskfree")
-
-    def __call__(self, layout: Layout, n: int) -> torch.Tensor | ElementMeta:
-        if self.strategy == "maskfree":
-            return ElementMeta.from_layout(layout)
-        if self.strategy == "amortized":
-            return self._amortized.get(layout)
-        if self.strategy == "pard":
-            return pard_mask(layout, n, self.k)
-        return reference_mask(layout)
-
-
-# --------------------------------------------------------------------------- loss
-
-
-def distill_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, kind: str) -> torch.Tensor:
-    """Summed per-element loss over M supervised elements; logits [M, V] -> scalar.
-
-    ``kl``: forward KL(target || draft) (DESIGN §4); ``ce``: cross-entropy on the target's argmax.
-    """
-    # Half precision is upcast to fp32 for the softmax; float64 stays float64 (exactness tests).
-    up = torch.promote_types(draft_logits.dtype, torch.float32)
-    logq = F.log_softmax(draft_logits.to(up), dim=-1)
-    if kind == "ce":
-        return F.nll_loss(logq, target_logits.argmax(-1), reduction="sum")
-    logp = F.log_softmax(target_logits.to(up), dim=-1)
-    return (logp.exp() * (logp - logq)).sum()
-
-
-def _head_loss_chunk(hidden: torch.Tensor, head_w: torch.Tensor, target_hidden: torch.Tensor,
-                     target_head: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    draft_logits = hidden @ head_w.T
-    with torch.no_grad():
-        target_logits = target_hidden.to(target_head.dtype) @ target_head.T
-        hit = (draft_logits.argmax(-1) == target_logits.argmax(-1)).long()
-    return distill_loss(draft_logits, target_logits, kind), hit
-
-
-def head_loss(hidden: torch.Tensor, head_w: torch.Tensor, target_hidden: torch.Tensor, target_head: torch.Tensor,
-              kind: str, chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed loss and per-row hits of drafter states hidden [M, H] vs target states [M, H].
-
-    head_w [V, H] is the drafter's LM head, target_head [V, H] the target's. With M > chunk_rows,
-    rows go through the heads in chunks whose [chunk, V] logits are recomputed in the backward
-    pass instead of kept: at the paper's 201K vocabulary, 34K elements would otherwise hold
-    ~27 GB of logits. Same loss and gradient either way (tests/test_train.py).
-    """
-    m = hidden.shape[0]
-    if chunk_rows is None or m <= chunk_rows:
-        return _head_loss_chunk(hidden, head_w, target_hidden, target_head, kind)
-    from torch.utils.checkpoint import checkpoint
-
-    losses, hits = [], []
-    for lo in range(0, m, chunk_rows):
-        sl = slice(lo, lo + chunk_rows)
-        loss, hit = checkpoint(_head_loss_chunk, hidden[sl], head_w, target_hidden[sl], target_head, kind,
-                               use_reentrant=False)
-        losses.append(loss)
-        hits.append(hit)
-    return torch.stack(losses).sum(), torch.cat(hits)
-
-
-def depth_stats(depth: torch.Tensor, hit: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
-    """Per-depth ``correct`` and ``count`` [k] from element depths [M] and hits [M]."""
-    depth, hit = depth.cpu(), hit.cpu()
-    return {"correct": torch.zeros(k, dtype=torch.long).index_add_(0, depth, hit),
-            "count": torch.bincount(depth, minlength=k)[:k]}
-
-
-def example_loss(drafter: PEagleDrafter, target_head: torch.Tensor, ex: Example, mask: torch.Tensor,
-                 kind: str, k: int, chunk_rows: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Loss summed over the supervised elements of one example, plus per-depth accuracy counts."""
-    dev = target_head.device
-    hidden = drafter.forward_hidden(
-        ex.input_ids[None].to(dev), ex.hidden[None].to(dev), ex.is_mask[None].to(dev),
-        ex.positions[None].to(dev), mask[None].to(dev),
-    )[0]
-    sel = ex.gate.nonzero().squeeze(-1).to(dev)
-    loss, hit = head_loss(hidden[sel], drafter.lm_head.weight, ex.target_hidden.to(dev)[sel], target_head,
-                          kind, chunk_rows)
-    return loss, depth_stats(ex.layout.depth.to(dev)[sel], hit, k)
-
-
 # --------------------------------------------------------------------------- run state
-
-
-def load_rows(dataset: Any, index: int, ctx: int, copy: bool) -> dict[str, torch.Tensor]:
-    """Training rows of sequence ``index`` (see ``shifted_rows``), truncated to ``ctx`` tokens.
-
-    ``copy``: clone them out of the dataset's shard cache, so that the step's own data is a tensor
-    the live-tensor accountant counts (on CUDA the example's copy to the device is counted instead).
-    """
-    from peagle.hidden import shifted_rows
-
-    rows = shifted_rows(truncate(dataset[index], ctx))
-    return {k: v.clone() for k, v in rows.items()} if copy else rows
 
 
 def _seq_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -310,7 +160,7 @@ def train_drafter(
 @memory.reports_oom  # past train.memory_budget_mb -> summary.json status OOM with the bytes that went over
 def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method: str, ctx: int, out_dir: Path, *,
            stop_after_steps: int | None, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    from peagle.eagle3 import ttt_loss  # deferred: peagle.eagle3 imports distill_loss from here
+    from peagle.eagle3 import ttt_loss
     from peagle.hidden import HiddenStateDataset
     from peagle.target import read_embedding_tensors, read_target_json
 
@@ -456,16 +306,9 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
                 ex = build_example(rows, layout, spec.mask_token_id)
                 n_sup, n_el = int(ex.gate.sum()), len(layout)
                 segments = segments_for(n, plan.partitions, plan.segment_rows)
-                if segments > 1:
-                    # Forward+backward segment by segment (paper §3.2): same gradient, less memory.
-                    loss_sum, stats = partitioned_backward(
-                        drafter, target_head, ex, lambda lay: masks(lay, n), segments, tc.loss,
-                        tc.k_train, n_sup, 1 / len(batch), chunk_rows=tc.loss_chunk_rows)
-                else:
-                    loss_t, stats = example_loss(drafter, target_head, ex, masks(layout, n), tc.loss, tc.k_train,
-                                                 tc.loss_chunk_rows)
-                    (loss_t / max(n_sup, 1) / len(batch)).backward()
-                    loss_sum = float(loss_t.detach())
+                loss_sum, stats = parallel_backward(drafter, target_head, ex, lambda lay: masks(lay, n), segments,
+                                                    tc.loss, tc.k_train, accum=len(batch),
+                                                    chunk_rows=tc.loss_chunk_rows)
                 loss_total += loss_sum / max(n_sup, 1) / len(batch)
             sup_total += n_sup
             elements += n_el

@@ -148,7 +148,8 @@ def _tiny_drafter():
 
 
 def test_drafter_maskfree_equals_dense_amortized():
-    from peagle.train import MaskBuilder, build_example, example_loss
+    from peagle.example import MaskBuilder, build_example
+    from peagle.losses import example_loss
 
     gen = torch.Generator().manual_seed(8)
     n, k = 37, 5

@@ -14,7 +14,7 @@ from peagle.eagle3 import ttt_hidden, ttt_loss
 from peagle.masks import reference_mask
 from peagle.spec_decode import (Eagle3Proposer, PEagleProposer, SpeculativeDecoder, TargetRunner,
                                 greedy_generate, make_proposer)
-from peagle.train import distill_loss
+from peagle.losses import distill_loss
 
 AUX = [1, 2, 3]
 MASK_ID = 96

@@ -108,7 +108,8 @@ def _tiny_step(threads: int) -> tuple[int, int]:
     """Peak and final live bytes of one training step of a small fresh drafter."""
     from peagle.cod import cod_sample
     from peagle.drafters import DrafterSpec, build_drafter
-    from peagle.train import MaskBuilder, build_example, example_loss
+    from peagle.example import MaskBuilder, build_example
+    from peagle.losses import example_loss
 
     spec = DrafterSpec(hidden_size=32, vocab_size=50, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=16,
                        intermediate_size=48, mask_token_id=49, aux_layer_ids=[1, 2, 3], max_position_embeddings=64,

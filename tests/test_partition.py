@@ -8,9 +8,10 @@ import torch
 from peagle import drafters
 from peagle.cod import Layout, cod_sample, full_grid
 from peagle.drafters import DrafterSpec, build_drafter
+from peagle.example import MaskBuilder, build_example
+from peagle.losses import example_loss
 from peagle.masks import reference_mask
 from peagle.partition import check_partitions, partition_layout, partitioned_backward, segment_of, segments_for
-from peagle.train import MaskBuilder, build_example, example_loss
 
 H, V, K = 16, 37, 4
 
@@ -183,7 +184,7 @@ def test_training_with_partitions_matches_unpartitioned(tiny_artifacts, tiny_con
     from dataclasses import replace
 
     from peagle import checkpoint as ckpt
-    from peagle import train as train_mod
+    from peagle import step
     from peagle.train import train_drafter
 
     calls: list[int] = []
@@ -192,7 +193,7 @@ def test_training_with_partitions_matches_unpartitioned(tiny_artifacts, tiny_con
         calls.append(args[4])  # the segment count
         return partitioned_backward(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "partitioned_backward", counted)
+    monkeypatch.setattr(step, "partitioned_backward", counted)
     runs, segments = {}, {}
     # (3, 16): in one run, the sequences of <= 16 rows (two of 13) train whole, the longer ones (19-23 rows at
     # ctx 24) in 2 segments.

@@ -8,7 +8,7 @@ from peagle.drafters import DrafterSpec, build_drafter
 from peagle.masks import AmortizedMask, reference_mask
 from peagle.spec_decode import (OracleProposer, PEagleProposer, SpeculativeDecoder, TargetRunner,
                                 greedy_generate)
-from peagle.train import build_example
+from peagle.example import build_example
 
 AUX = [1, 2, 3]
 MASK_ID = 96

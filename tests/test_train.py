@@ -9,7 +9,9 @@ import torch
 from peagle import checkpoint as ckpt
 from peagle.cod import full_grid
 from peagle.drafters import DrafterSpec, build_drafter
-from peagle.train import _Killed, build_example, distill_loss, train_drafter
+from peagle.example import build_example
+from peagle.losses import distill_loss
+from peagle.train import _Killed, train_drafter
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -91,7 +93,7 @@ def test_resume_after_kill_matches_uninterrupted(tiny_artifacts, tiny_config, tm
 def test_context_beyond_the_precomputed_mask_is_a_clear_error(tiny_artifacts, tiny_config, tmp_path):
     from dataclasses import replace
 
-    from peagle.train import TrainingError
+    from peagle.example import TrainingError
 
     cfg = replace(tiny_config, train=replace(tiny_config.train, max_mask_len=16))
     with pytest.raises(TrainingError, match="train.max_mask_len"):
@@ -171,7 +173,7 @@ def test_step_time_over_the_budget_is_recorded_infeasible(tiny_artifacts, tiny_c
 
 
 def test_chunked_head_loss_equals_one_chunk():
-    from peagle.train import head_loss
+    from peagle.losses import head_loss
 
     g = torch.Generator().manual_seed(0)
     m, h, v = 37, 8, 29
@@ -188,7 +190,7 @@ def test_chunked_head_loss_equals_one_chunk():
 
 
 def test_unknown_method_is_a_clear_error(tiny_artifacts, tiny_config, tmp_path):
-    from peagle.train import TrainingError
+    from peagle.example import TrainingError
 
     with pytest.raises(TrainingError, match="unknown method 'medusa'"):
         train_drafter(tiny_config, tiny_artifacts["target_json"], tiny_artifacts["hidden_dir"], "medusa", 32,

@@ -59,10 +59,10 @@ def bench_drafter(cfg: Config, hidden_size: int, vocab_size: int, mask_token_id:
 def available_strategies(names: list[str], max_len: int, k: int) -> tuple[list[str], list[str]]:
     """Split mask-strategy names into (available in this build, missing), preserving order.
 
-    A strategy is available when ``peagle.train.MaskBuilder`` accepts its name, so strategies
+    A strategy is available when ``peagle.example.MaskBuilder`` accepts its name, so strategies
     added later (e.g. ``maskfree``) are picked up by name without changes here.
     """
-    from peagle.train import MaskBuilder, TrainingError
+    from peagle.example import MaskBuilder, TrainingError
 
     ok, missing = [], []
     for name in names:

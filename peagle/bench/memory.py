@@ -14,7 +14,7 @@ CPU the live-tensor accountant (weights + LM head + live tensors; ``baseline_mb`
 head), on CUDA ``torch.cuda.max_memory_allocated`` (``baseline_mb`` = allocated once the drafter
 exists). Going past the budget is recorded as ``OOM``.
 
-Strategies are looked up by name in ``peagle.train.MaskBuilder``; names it does not know and
+Strategies are looked up by name in ``peagle.example.MaskBuilder``; names it does not know and
 S > 1 without ``peagle.partition`` are skipped (and logged), never faked.
 """
 
@@ -54,7 +54,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     from peagle import memory
     from peagle.bench.common import bench_drafter, sync
     from peagle.cod import cod_sample
-    from peagle.train import MaskBuilder, build_example, example_loss
+    from peagle.example import MaskBuilder, build_example
+    from peagle.step import parallel_backward
 
     cfg = _config_from(spec)
     tc = cfg.train
@@ -90,15 +91,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                 sync(device)
                 t0 = time.perf_counter()
                 ex = build_example(rows, layout, mask_token)
-                n_sup = int(ex.gate.sum())
-                if S == 1:
-                    loss, _ = example_loss(drafter, head, ex, builder(layout, n), tc.loss, k)
-                    (loss / max(n_sup, 1)).backward()
-                    del loss
-                else:
-                    from peagle.partition import partitioned_backward
-
-                    partitioned_backward(drafter, head, ex, lambda lay: builder(lay, n), S, tc.loss, k, n_sup)
+                parallel_backward(drafter, head, ex, lambda lay: builder(lay, n), S, tc.loss, k)
                 torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)

@@ -100,7 +100,7 @@ def load_example(rows: dict[str, torch.Tensor], builder, n: int, k: int, retenti
                  retention_min: float, gen: torch.Generator, mask_token_id: int):
     """One collator call: COD sample, mask, input gathering. Returns (example, mask, seconds by part)."""
     from peagle.cod import cod_sample
-    from peagle.train import build_example
+    from peagle.example import build_example
 
     t0 = time.perf_counter()
     layout = cod_sample(n, k, retention, retention_min, generator=gen)
@@ -129,13 +129,14 @@ class _Setting:
 
 
 class _MaskPath:
-    """A parallel drafter's path: COD sample, the strategy's mask, per-element gather; ``example_loss``."""
+    """A parallel drafter's path: COD sample, the strategy's mask, per-element gather; the trainer's step."""
 
     def __init__(self, st: _Setting, strategy: str) -> None:
-        from peagle.train import MaskBuilder, example_loss
+        from peagle.example import MaskBuilder
+        from peagle.step import parallel_backward
 
         self.st = st
-        self._loss = example_loss  # imported here, not inside the timed step
+        self._step = parallel_backward  # imported here, not inside the timed step
         t0 = time.perf_counter()
         self.builder = MaskBuilder(strategy, st.n, st.k)
         self.setup_s = time.perf_counter() - t0
@@ -157,8 +158,7 @@ class _MaskPath:
     def step(self, drafter, head: torch.Tensor, payload: Any) -> None:
         """Forward + backward of one example."""
         ex, mask = payload
-        loss_sum, _ = self._loss(drafter, head, ex, mask, self.st.cfg.train.loss, self.st.k)
-        (loss_sum / max(int(ex.gate.sum()), 1)).backward()
+        self._step(drafter, head, ex, lambda _layout: mask, 1, self.st.cfg.train.loss, self.st.k)
 
 
 class _TTTPath:

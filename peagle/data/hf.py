@@ -52,7 +52,6 @@ import os
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from peagle.data.files import DataFileError, Row, read_rows, resolve_data_files
@@ -60,6 +59,7 @@ from peagle.data.io import write_data_dir
 from peagle.data.schema import ROLES, PromptRecord
 
 __all__ = [
+    "FULL_EVAL_SIZES",
     "HF_DATASETS",
     "HFDatasetSpec",
     "HFDataError",
@@ -68,6 +68,10 @@ __all__ = [
     "load_hf_prompts",
     "make_hf_data",
 ]
+
+
+# Rows of the full evaluation sets (their dataset cards): what data.n_eval: null evaluates on.
+FULL_EVAL_SIZES = {"mt_bench": 80, "humaneval": 164, "gsm8k": 1319}
 
 
 class HFDataError(ValueError):
