@@ -22,6 +22,7 @@ so the segments' gradients sum to the unpartitioned gradient (up to float roundi
 from __future__ import annotations
 
 import operator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -162,6 +163,7 @@ def partitioned_backward(
     n_sup_total: int,
     scale: float = 1.0,
     chunk_rows: int | None = None,
+    forward_ctx: Callable[[], AbstractContextManager] = nullcontext,
 ) -> tuple[float, dict[str, torch.Tensor]]:
     """Forward + backward of one example segment by segment; gradients accumulate in ``.grad``.
 
@@ -176,7 +178,8 @@ def partitioned_backward(
     Returns (summed loss over all supervised elements as a float -- the same quantity as
     ``example_loss``'s first output --, stats with per-depth ``correct`` and ``count`` [k]).
     Segments without a supervised owned element contribute nothing and are skipped.
-    chunk_rows: see :func:`peagle.losses.head_loss`.
+    chunk_rows: see :func:`peagle.losses.head_loss`. forward_ctx: entered around each segment's
+    forward and loss (mixed precision), not its backward.
     """
     plans = partition_layout(ex.layout, ex.num_rows, partitions)
     total = 0.0
@@ -187,7 +190,8 @@ def partitioned_backward(
         sub = segment_example(ex, plan)
         if not bool(sub.gate.any()):
             continue
-        loss, stats = example_loss(drafter, target_head, sub, mask_fn(plan.layout), kind, k, chunk_rows)
+        with forward_ctx():
+            loss, stats = example_loss(drafter, target_head, sub, mask_fn(plan.layout), kind, k, chunk_rows)
         (loss * norm).backward()
         total += float(loss.detach())
         correct += stats["correct"]

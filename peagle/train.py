@@ -18,6 +18,7 @@ uninterrupted one would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from peagle import checkpoint as ckpt
 from peagle import memory
 from peagle.cod import cod_sample, full_grid
 from peagle.config import Config
+from peagle.distributed import DistributedError, World
 from peagle.drafters import DrafterSpec, build_drafter, num_parameters
 from peagle.example import MaskBuilder, TrainingError, build_example, load_rows, truncate
 from peagle.io import atomic_write_json
@@ -112,6 +114,10 @@ class _Killed(RuntimeError):
     """Raised by ``stop_after_steps`` to simulate a killed run in tests."""
 
 
+class _PeerStopped(RuntimeError):
+    """A non-main training process stops because another one ran out of memory (the main one records it)."""
+
+
 def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -142,13 +148,19 @@ def train_drafter(
     ends with ``status: "infeasible"``. Both are results (the measurement is recorded), not errors.
     """
     out = Path(out_dir)
-    (out / "summary.json").unlink(missing_ok=True)  # never let an old result stand for this run
+    main = World.from_env().is_main
+    if main:
+        (out / "summary.json").unlink(missing_ok=True)  # never let an old result stand for this run
     try:
         summary = _train(cfg, target_json, hidden_dir, method, ctx, out, stop_after_steps=stop_after_steps,
                          progress=progress, log=log)
     except InfeasibleRun as err:
         summary = err.record
         log(f"INFEASIBLE: {err}")
+    except _PeerStopped as err:
+        return {"status": "stopped", "error": str(err)}
+    if not main:
+        return summary
     if summary.get("status") != "ok":
         info = json.loads(Path(target_json).read_text())
         summary = {**summary, "method": method, "ctx": ctx, "drafter_layers": MethodPlan.of(cfg, method).num_layers,
@@ -169,8 +181,27 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
         raise TrainingError(f"training context length {ctx} is too short (need >= 3 tokens)")
     tc, dc = cfg.train, cfg.drafter
     torch.set_num_threads(cfg.runtime.threads)
-    device = torch.device(cfg.runtime.device)
+    world = World.from_env()  # torchrun's processes; one without it
+    device = world.device(torch.device(cfg.runtime.device))
+    try:
+        world.check(tc.grad_accum, device)
+    except DistributedError as err:
+        raise TrainingError(str(err)) from None
+    world.init(device)
+    if not world.is_main:  # one voice: the main process logs, writes metrics, checkpoints and results
+        log, progress = (lambda m: None), False
     dtype = getattr(torch, cfg.runtime.dtype)
+    if dtype == torch.float16:
+        raise TrainingError("runtime.dtype float16 is not a training precision here (it needs loss scaling); "
+                            "train in bfloat16 (fp32 master weights, bf16 compute) or float32")
+    # bf16: mixed precision. The drafter's weights, gradients and AdamW moments stay fp32 (an
+    # update below one bf16 rounding step still lands); forwards run under bf16 autocast.
+    mixed = dtype == torch.bfloat16
+    param_dtype = torch.float32 if mixed else dtype
+
+    def forward_ctx():
+        return torch.autocast(device.type, dtype=dtype) if mixed else contextlib.nullcontext()
+
     out = out_dir
     ckpt_root = out / "checkpoints"
     out.mkdir(parents=True, exist_ok=True)
@@ -196,7 +227,7 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
         max_position_embeddings=max(ctx + plan.depths, int(info.get("max_position_embeddings") or 0)),
         parallel=plan.parallel,
     )
-    drafter = build_drafter(spec, embed=embed, lm_head=head, seed=tc.seed).to(device=device, dtype=dtype)
+    drafter = build_drafter(spec, embed=embed, lm_head=head, seed=tc.seed).to(device=device, dtype=param_dtype)
     drafter.embed_tokens.weight.requires_grad_(plan.embed_trainable)
     drafter.lm_head.weight.requires_grad_(dc.lm_head_trainable)
     target_head = head.to(device=device, dtype=dtype)
@@ -246,7 +277,7 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
     if existing:
         last = existing[-1]
         state = ckpt.load_trainer_state(last)
-        resumed, _ = ckpt.load_drafter(last, device=device, dtype=dtype)
+        resumed, _ = ckpt.load_drafter(last, device=device, dtype=param_dtype)
         drafter.load_state_dict(resumed.state_dict())
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -255,7 +286,8 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
             metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
             metrics = [m for m in metrics if m["step"] <= start_step]
         log(f"resuming from {last} at optimizer step {start_step}/{total_steps}")
-    _write_jsonl_atomic(metrics_path, metrics)
+    if world.is_main:
+        _write_jsonl_atomic(metrics_path, metrics)
 
     what = (f"mask={plan.mask_strategy}, partitions={plan.partitions}"
             + (f" (segments of <= {plan.segment_rows} rows)" if plan.segment_rows and plan.partitions > 1 else "")
@@ -279,25 +311,27 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
     peaks = [round(m["peak_mem_mb"] * memory.MB) for m in metrics if m.get("peak_mem_mb") is not None]  # bytes
     depths = plan.depths
     probe = _BudgetProbe(tc.time_budget_s_per_epoch, tc.budget_probe_steps, steps_per_epoch)
-    t_run = time.perf_counter()
-    for step in range(start_step, total_steps):
-        epoch, j = divmod(step, steps_per_epoch)
-        order = epoch_order(len(usable), tc.seed, epoch)
-        batch = [usable[i] for i in order[j * tc.grad_accum:(j + 1) * tc.grad_accum]]
-        meter.reset_peak()
-        t0 = time.perf_counter()
+
+    def micro_steps(seqs: list[int], global_batch: int, epoch: int) -> tuple:
+        """Forward and backward of ``seqs``, gradients scaled for a step of ``global_batch`` sequences.
+
+        Returns the step's sums and, last, the last sequence's tensors: the caller drops them after
+        the optimizer step, so that a step's measured peak memory holds them as it always has.
+        """
         sup_total, loss_total, elements, tokens = 0, 0.0, 0, 0
         correct = torch.zeros(depths, dtype=torch.long)
         count = torch.zeros(depths, dtype=torch.long)
-        for idx in batch:
+        rows = ex = layout = loss_t = stats = None
+        for idx in seqs:
             rows = load_rows(dataset, idx, ctx, copy=device.type == "cpu")
             n = rows["input_ids"].shape[0]
             # Each sequence's loss is normalised by its own supervised count, then averaged.
             if not plan.parallel:
-                loss_t, stats = ttt_loss(drafter, target_head, {k: v.to(device) for k, v in rows.items()},
-                                         plan.depths, plan.ttt_decay, tc.loss, tc.loss_chunk_rows)
-                (loss_t / len(batch)).backward()
-                loss_total += float(loss_t.detach()) / len(batch)
+                with forward_ctx():
+                    loss_t, stats = ttt_loss(drafter, target_head, {k: v.to(device) for k, v in rows.items()},
+                                             plan.depths, plan.ttt_decay, tc.loss, tc.loss_chunk_rows)
+                (loss_t / global_batch).backward()
+                loss_total += float(loss_t.detach()) / global_batch
                 n_sup, n_el = stats["supervised"], stats["elements"]
             else:
                 layout = (cod_sample(n, tc.k_train, tc.retention, tc.retention_min,
@@ -307,14 +341,56 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
                 n_sup, n_el = int(ex.gate.sum()), len(layout)
                 segments = segments_for(n, plan.partitions, plan.segment_rows)
                 loss_sum, stats = parallel_backward(drafter, target_head, ex, lambda lay: masks(lay, n), segments,
-                                                    tc.loss, tc.k_train, accum=len(batch),
-                                                    chunk_rows=tc.loss_chunk_rows)
-                loss_total += loss_sum / max(n_sup, 1) / len(batch)
+                                                    tc.loss, tc.k_train, accum=global_batch,
+                                                    chunk_rows=tc.loss_chunk_rows, forward_ctx=forward_ctx)
+                loss_total += loss_sum / max(n_sup, 1) / global_batch
             sup_total += n_sup
             elements += n_el
             tokens += n
             correct += stats["correct"]
             count += stats["count"]
+        return sup_total, loss_total, elements, tokens, correct, count, (rows, ex, layout, loss_t, stats)
+
+    def distributed_micro_steps(batch: list[int], epoch: int) -> tuple:
+        """This process's share of the global batch, then one all-reduce of the gradients and the
+        step's statistics. A process that runs out of memory tells the others before the
+        all-reduce, so that all of them stop at the same step (the main one records the OOM)."""
+        failed: BaseException | None = None
+        try:
+            acc = micro_steps(world.share(batch), len(batch), epoch)
+        except BaseException as err:  # noqa: BLE001 -- only out-of-memory is caught, below
+            if not memory.is_oom(err):
+                raise
+            failed, acc = err, None
+        with meter.paused():
+            oom = world.max([float(failed is not None), float(meter.peak_bytes() or 0)], device)
+        if oom[0]:
+            if failed is not None and world.is_main:
+                raise failed
+            if world.is_main:
+                raise memory.BudgetExceeded(tc.memory_budget_mb, device.type, "another training process went over "
+                                            "its budget at this step", peak_bytes=int(oom[1]), measure=meter.measure)
+            raise _PeerStopped(f"stopped with the other processes at optimizer step {len(metrics) + 1}")
+        world.sum_grads(params, comm_ctx=meter.paused)
+        sup_total, loss_total, elements, tokens, correct, count, last = acc
+        with meter.paused():
+            summed = world.sum([sup_total, loss_total, elements, tokens, *correct.tolist(), *count.tolist()], device)
+        return (int(summed[0]), summed[1], int(summed[2]), int(summed[3]),
+                torch.tensor(summed[4:4 + depths]).round().long(), torch.tensor(summed[4 + depths:]).round().long(),
+                last)
+
+    t_run = time.perf_counter()
+    for step in range(start_step, total_steps):
+        epoch, j = divmod(step, steps_per_epoch)
+        order = epoch_order(len(usable), tc.seed, epoch)
+        batch = [usable[i] for i in order[j * tc.grad_accum:(j + 1) * tc.grad_accum]]
+        meter.reset_peak()
+        t0 = time.perf_counter()
+        if world.size == 1:
+            acc = micro_steps(batch, len(batch), epoch)
+        else:
+            acc = distributed_micro_steps(batch, epoch)
+        sup_total, loss_total, elements, tokens, correct, count, last = acc
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
         sched.step()
@@ -328,20 +404,21 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
         for d in range(depths):
             row[f"acc_d{d}"] = float(correct[d]) / int(count[d]) if count[d] else None
         metrics.append(row)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        if world.is_main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
         bar.update(1)
         bar.set_postfix(loss=f"{loss_total:.3f}", acc0=f"{row['acc_d0'] or 0:.2f}")
         # Drop the step's tensors now, not when the next step rebinds the names: a step's peak must
         # not depend on whether another ran before it in this process (a resumed run).
-        rows = ex = loss_t = stats = grad_norm = correct = count = None
+        acc = last = grad_norm = correct = count = None
         done = step + 1
-        verdict = probe.observe(dt)
+        verdict = probe.observe(world.max([dt], device)[0])  # every process decides on the slowest
         if verdict is not None:
             bar.close()
             raise InfeasibleRun({"status": "infeasible", **verdict, "completed_steps": done,
                                  **meter.record(max(peaks))})
-        if done % tc.checkpoint_every == 0 and done < total_steps:
+        if done % tc.checkpoint_every == 0 and done < total_steps and world.is_main:
             state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": done}
             with meter.paused():  # checkpoint copies are I/O, not training memory
                 ckpt.save_drafter(ckpt_root / f"step_{done:07d}", drafter, meta, trainer_state=state)
@@ -355,6 +432,11 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
     memory.stop_meter()
 
     final_meta = {**meta, "optimizer_steps": total_steps, "sequences": len(usable), "epochs": tc.epochs}
+    if world.size > 1:
+        final_meta["world_size"] = world.size
+    if not world.is_main:
+        world.close()
+        return {"status": "ok", "rank": world.rank}
     ckpt.save_drafter(out / "final", drafter, final_meta)
     tail = metrics[-min(len(metrics), steps_per_epoch):]
     summary = {
@@ -374,6 +456,7 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
     atomic_write_json(out / "summary.json", summary)
     shutil.rmtree(ckpt_root, ignore_errors=True)
     log(f"done: loss {summary['final_loss']:.4f}, acc {summary['last_epoch_acc']}")
+    world.close()
     return summary
 
 

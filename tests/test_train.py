@@ -1,6 +1,7 @@
 """Drafter training: checkpoints round-trip, a killed run resumes to the same weights, loss falls."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,40 @@ def test_resume_after_kill_matches_uninterrupted(tiny_artifacts, tiny_config, tm
     m1 = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
     m2 = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["loss"] for x in m1] == [json.loads(x)["loss"] for x in m2]
+
+
+def _bf16_half_ulp(w: torch.Tensor) -> torch.Tensor:
+    """Half the spacing of bfloat16 numbers (8 significant bits) around each value of ``w``."""
+    return torch.ldexp(torch.ones_like(w), torch.floor(torch.log2(w.abs().clamp_min(1e-30))).int() - 8)
+
+
+def test_bf16_training_keeps_fp32_master_weights(tiny_artifacts, tiny_config, tmp_path):
+    """runtime.dtype bfloat16 trains under bf16 autocast with fp32 weights and AdamW moments: an
+    update smaller than one bf16 rounding step of a weight still changes it (in pure bf16 every
+    change would be a multiple of that step)."""
+    from dataclasses import replace
+
+    cfg = replace(tiny_config, runtime=replace(tiny_config.runtime, dtype="bfloat16"),
+                  train=replace(tiny_config.train, lr=1e-5, warmup_ratio=0.0, epochs=1))
+    out = tmp_path / "bf16"
+    args = (cfg, tiny_artifacts["target_json"], tiny_artifacts["hidden_dir"], "peagle", 24, out)
+    with pytest.raises(_Killed):  # keep the step-2 checkpoint, then resume to the end (step 4)
+        train_drafter(*args, stop_after_steps=2, progress=False, log=lambda m: None)
+    before = _weights(out / "checkpoints" / "step_0000002")
+    train_drafter(*args, progress=False, log=lambda m: None)
+    after = _weights(out / "final")
+    from safetensors import safe_open
+
+    with safe_open(str(out / "final" / "model.safetensors"), "pt") as f:  # the master weights, as saved
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    w0, w1 = before["layers.0.mlp.down_proj.weight"], after["layers.0.mlp.down_proj.weight"]
+    delta = (w1 - w0).abs()
+    small = (delta > 0) & (delta < _bf16_half_ulp(w0))
+    assert float(small.float().mean()) > 0.5, "updates below bf16 resolution were lost"
+    assert all(math.isfinite(json.loads(x)["loss"]) for x in (out / "metrics.jsonl").read_text().splitlines())
+    with pytest.raises(Exception, match=r"runtime.dtype float16 .* train in bfloat16"):
+        train_drafter(replace(cfg, runtime=replace(cfg.runtime, dtype="float16")), tiny_artifacts["target_json"],
+                      tiny_artifacts["hidden_dir"], "peagle", 24, tmp_path / "fp16", progress=False, log=lambda m: None)
 
 
 def test_context_beyond_the_precomputed_mask_is_a_clear_error(tiny_artifacts, tiny_config, tmp_path):
