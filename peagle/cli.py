@@ -147,9 +147,13 @@ def cmd_train(args) -> None:
     seed = cfg.train.seeds[0] if args.seed is None else args.seed
     cfg = cfg.for_seed(seed)
     _threads(cfg)
+    from peagle.distributed import World
     from peagle.train import train_drafter
 
-    summary = train_drafter(cfg, args.target, args.hidden_dir, args.method, args.ctx, args.out_dir, log=_log)
+    try:
+        summary = train_drafter(cfg, args.target, args.hidden_dir, args.method, args.ctx, args.out_dir, log=_log)
+    finally:
+        World.shutdown()  # torchrun's process group, if any
     if summary.get("status") == "OOM":
         _log(f"OUT OF MEMORY under train.memory_budget_mb={summary['budget_mb']}: {summary['error']} "
              f"(recorded in {args.out_dir}/summary.json)")

@@ -65,9 +65,15 @@ class World:
                 torch.cuda.set_device(self.local_rank)
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
-    def close(self) -> None:
+    def barrier(self) -> None:
+        """Wait for every process (the end of a training run); the group stays up for the next one."""
         if self.size > 1 and torch.distributed.is_initialized():
             torch.distributed.barrier()
+
+    @staticmethod
+    def shutdown() -> None:
+        """Tear the process group down (once, when the process is done training)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
     def share(self, batch: Sequence[int]) -> list[int]:

@@ -435,7 +435,7 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
     if world.size > 1:
         final_meta["world_size"] = world.size
     if not world.is_main:
-        world.close()
+        world.barrier()
         return {"status": "ok", "rank": world.rank}
     ckpt.save_drafter(out / "final", drafter, final_meta)
     tail = metrics[-min(len(metrics), steps_per_epoch):]
@@ -456,7 +456,7 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
     atomic_write_json(out / "summary.json", summary)
     shutil.rmtree(ckpt_root, ignore_errors=True)
     log(f"done: loss {summary['final_loss']:.4f}, acc {summary['last_epoch_acc']}")
-    world.close()
+    world.barrier()
     return summary
 
 

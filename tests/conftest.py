@@ -56,9 +56,9 @@ def tiny_artifacts(tmp_path_factory):
     return {"target_json": target_json, "hidden_dir": root / "hidden", "responses": responses, "root": root}
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_config():
-    """config/tiny.yaml shrunk to test sizes."""
+    """config/tiny.yaml shrunk to test sizes (a frozen Config: tests change it with ``replace``)."""
     from pathlib import Path
 
     from peagle.config import config_from_dict, read_config_files

@@ -28,15 +28,21 @@ pytestmark = pytest.mark.slow
 WORKER = """
 import sys
 from peagle.config import load_config
+from peagle.distributed import World
 from peagle.train import _Killed, train_drafter
 
-config, target, hidden, method, ctx, out, stop = sys.argv[1:]
-try:
-    train_drafter(load_config(config), target, hidden, method, int(ctx), out,
-                  stop_after_steps=int(stop) or None, progress=False, log=lambda m: None)
-except _Killed:
-    sys.exit(3)
+target, hidden, stop, *runs = sys.argv[1:]
+for config, out in zip(runs[0::2], runs[1::2]):  # one launch trains several configs in turn
+    try:
+        train_drafter(load_config(config), target, hidden, "peagle", 24, out,
+                      stop_after_steps=int(stop) or None, progress=False, log=lambda m: None)
+    except _Killed:
+        sys.exit(3)
+World.shutdown()
 """
+
+VARIANTS = {"amortized": {}, "partitions=2": {"partitions": 2, "segment_rows": None},
+            "maskfree": {"mask_strategy": "maskfree"}}
 
 
 def _config(tiny_config, **methods):
@@ -46,14 +52,29 @@ def _config(tiny_config, **methods):
                    methods={**tiny_config.methods, "peagle": peagle})
 
 
-def _torchrun(cfg, art, out: Path, tmp: Path, nproc: int, stop: int = 0) -> subprocess.CompletedProcess:
-    cfg_file, worker = tmp / "config.yaml", tmp / "worker.py"
-    cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
+def _torchrun(runs, art, tmp: Path, nproc: int = 2, stop: int = 0) -> subprocess.CompletedProcess:
+    """One torchrun launch of ``nproc`` gloo processes training each (config, out_dir) of ``runs``."""
+    worker = tmp / "worker.py"
     worker.write_text(WORKER)
+    args = []
+    for i, (cfg, out) in enumerate(runs):
+        cfg_file = tmp / f"config_{out.name}_{i}.yaml"
+        cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
+        args += [str(cfg_file), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(worker),
-           str(cfg_file), str(art["target_json"]), str(art["hidden_dir"]), "peagle", "24", str(out), str(stop)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp, timeout=600)
+           str(art["target_json"]), str(art["hidden_dir"]), str(stop), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tiny_artifacts, tiny_config, tmp_path_factory):
+    """Every variant trained by 2 gloo processes, in one launch: {variant: out_dir}."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    runs = {name: (_config(tiny_config, **m), tmp / name.replace("=", "")) for name, m in VARIANTS.items()}
+    proc = _torchrun(runs.values(), tiny_artifacts, tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {name: out for name, (_, out) in runs.items()}
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -64,16 +85,12 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
     return ckpt.load_drafter(out / "final")[0].state_dict()
 
 
-@pytest.mark.parametrize("methods", [{}, {"partitions": 2, "segment_rows": None}, {"mask_strategy": "maskfree"}],
-                         ids=["amortized", "partitions=2", "maskfree"])
-def test_two_processes_train_what_one_does(tiny_artifacts, tiny_config, tmp_path, methods):
-    cfg = _config(tiny_config, **methods)
-    one = tmp_path / "one"
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_two_processes_train_what_one_does(tiny_artifacts, tiny_config, tmp_path, two_process_runs, variant):
+    cfg = _config(tiny_config, **VARIANTS[variant])
+    one, two = tmp_path / "one", two_process_runs[variant]
     train_drafter(cfg, tiny_artifacts["target_json"], tiny_artifacts["hidden_dir"], "peagle", 24, one,
                   progress=False, log=lambda m: None)
-    two = tmp_path / "two"
-    proc = _torchrun(cfg, tiny_artifacts, two, tmp_path, 2)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     m1, m2 = _metrics(one), _metrics(two)
     assert len(m1) == len(m2) == 4  # 12 sequences, 8 per step, 2 epochs
     for a, b in zip(m1, m2):
@@ -85,21 +102,22 @@ def test_two_processes_train_what_one_does(tiny_artifacts, tiny_config, tmp_path
     assert json.loads((two / "summary.json").read_text())["world_size"] == 2
 
 
-def test_a_killed_two_process_run_resumes_to_the_uninterrupted_weights(tiny_artifacts, tiny_config, tmp_path):
-    cfg = _config(tiny_config)
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert _torchrun(cfg, tiny_artifacts, straight, tmp_path, 2).returncode == 0
-    assert _torchrun(cfg, tiny_artifacts, killed, tmp_path, 2, stop=2).returncode != 0
+def test_a_killed_two_process_run_resumes_to_the_uninterrupted_weights(tiny_artifacts, tiny_config, tmp_path,
+                                                                       two_process_runs):
+    cfg, killed = _config(tiny_config), tmp_path / "killed"
+    assert _torchrun([(cfg, killed)], tiny_artifacts, tmp_path, stop=2).returncode != 0
     assert [p.name for p in ckpt.list_checkpoints(killed / "checkpoints")][-1] == "step_0000002"
     assert not (killed / "final").exists()
-    proc = _torchrun(cfg, tiny_artifacts, killed, tmp_path, 2)
+    proc = _torchrun([(cfg, killed)], tiny_artifacts, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    straight = two_process_runs["amortized"]
     a, b = _weights(straight), _weights(killed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [m["loss"] for m in _metrics(straight)] == [m["loss"] for m in _metrics(killed)]
 
 
 def test_a_world_size_that_does_not_divide_the_batch_is_refused(tiny_artifacts, tiny_config, tmp_path):
-    cfg = replace(_config(tiny_config), train=replace(_config(tiny_config).train, grad_accum=3))
-    proc = _torchrun(cfg, tiny_artifacts, tmp_path / "odd", tmp_path, 2)
+    cfg = _config(tiny_config)
+    cfg = replace(cfg, train=replace(cfg.train, grad_accum=3))
+    proc = _torchrun([(cfg, tmp_path / "odd")], tiny_artifacts, tmp_path)
     assert proc.returncode != 0 and "train.grad_accum=3 is not a multiple of the 2 training processes" in proc.stderr
