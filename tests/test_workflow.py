@@ -318,8 +318,11 @@ def test_slurm_profile_dry_run():
     assert {j["rule"] for j in jobs} == TABLE1_RULES
     for job in jobs:
         if job["rule"] in GPU_RULES:
-            assert "gpu=1" in job["resources"] and "gpu_model=h200" in job["resources"], job
+            gpus = 8 if job["rule"] == "train" else 1  # training takes a whole node
+            assert f"gpu={gpus}," in job["resources"] + "," and "gpu_model=h200" in job["resources"], job
             assert "cpus_per_gpu=16" in job["resources"], job
+        if job["rule"] == "train":
+            assert job["shell"].startswith("torchrun --standalone --nproc_per_node 8 -m peagle train "), job
         assert "cpus_per_task=1," not in job.get("resources", ""), job
 
 

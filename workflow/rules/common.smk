@@ -264,6 +264,13 @@ TORCH_THREADS = CFG.runtime.threads
 # nothing unless `--resources gpu=N` is given.
 GPU_RESOURCES = {"gpu": 1} if CFG.runtime.device.startswith("cuda") else {}
 
+
+# The train rule's launcher: a job given more than one GPU (profiles/slurm gives it a whole
+# node) trains data-parallel under torchrun, one process per GPU (peagle.distributed).
+def train_launcher(wildcards, resources):
+    gpus = int(getattr(resources, "gpu", 0) or 0)
+    return f"torchrun --standalone --nproc_per_node {gpus} -m" if gpus > 1 else "python -m"
+
 # `python` in the shell commands must be an interpreter with peagle installed. Without
 # --use-conda that is the one running Snakemake, so its bin/ goes first on the jobs' PATH
 # (`.venv/bin/snakemake ...` works without activating the venv). With --use-conda the job's env

@@ -3,6 +3,8 @@
 # train.memory_budget_mb or infeasible under train.time_budget_s_per_epoch (then it records the
 # measurement and there is no final/). Those cells are results, so the job succeeds. The seed
 # (drafter initialisation, COD sampling, data order) is the {seed} wildcard, one of train.seeds.
+# A job given more than one GPU (profiles/slurm: a whole node) trains data-parallel under torchrun,
+# one process per GPU (peagle.distributed); train.grad_accum stays the global batch.
 
 
 rule train:
@@ -16,6 +18,7 @@ rule train:
         settings=settings("seed", "drafter", "train", "methods", "runtime.device", "runtime.dtype"),
         hidden_dir=lambda wildcards, input: os.path.dirname(input.hidden),
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
+        launcher=train_launcher,
     log:
         f"{LOGS}/train/{{target}}/{RUN}.log",
     benchmark:
@@ -26,6 +29,6 @@ rule train:
     conda:
         "../../envs/core.yaml"
     shell:
-        "python -m peagle train {params.config} --target {input.target} --hidden-dir {params.hidden_dir}"
+        "{params.launcher} peagle train {params.config} --target {input.target} --hidden-dir {params.hidden_dir}"
         " --method {wildcards.method} --ctx {wildcards.ctx} --seed {wildcards.seed} --out-dir {params.out_dir}"
         " > {log} 2>&1"
