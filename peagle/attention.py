@@ -48,6 +48,7 @@ __all__ = [
     "maskfree_attention",
     "flex_block_mask",
     "flex_maskfree_attention",
+    "flex_bucket",
     "element_attention",
     "flex_available",
 ]
@@ -100,6 +101,20 @@ class ElementMeta:
     @property
     def device(self) -> torch.device:
         return self.anchor.device
+
+    def pad_to(self, length: int) -> ElementMeta:
+        """The metadata extended to ``length`` elements with padding (valid False): same attention
+        among the first ``len(self)``, nothing to or from the rest."""
+        extra = length - len(self)
+        if extra < 0:
+            raise ValueError(f"ElementMeta.pad_to({length}): already {len(self)} elements")
+        if extra == 0:
+            return self
+
+        def grow(t: torch.Tensor, fill: int | bool) -> torch.Tensor:
+            return torch.cat([t, torch.full((extra,), fill, dtype=t.dtype, device=t.device)])
+
+        return ElementMeta(grow(self.anchor, 0), grow(self.depth, 0), grow(self.doc, -1), grow(self.valid, False))
 
     def to(self, device: torch.device | str) -> ElementMeta:
         """The same metadata on ``device`` (self when already there, keeping its cache)."""
@@ -500,6 +515,21 @@ def flex_block_mask(meta: ElementMeta, *, block_size: int = 128, compile: bool |
     return meta._cache[key]
 
 
+def flex_bucket(length: int, block_size: int = 128) -> int:
+    """The padded length a compiled FlexAttention call runs at: ``length`` rounded up to a ladder
+    of block multiples that grows by at most 1.5x per rung (128, 256, 384, 512, 768, 1024, 1536,
+    2048, ...). Every distinct length is a new compiled kernel; partitioned sequences give a new
+    length per segment, so without the ladder a partitioned run would compile at every step. With
+    it, every length up to 20,480 tokens runs on one of 15 kernels, padded by less than 50%."""
+    blocks = max(1, -(-length // block_size))
+    power = 1
+    while True:  # rungs in blocks: 1, 2, 3, 4, 6, 8, 12, 16, 24, ...
+        for rung in (power, power + power // 2) if power >= 2 else (power,):
+            if rung >= blocks:
+                return rung * block_size
+        power *= 2
+
+
 def flex_maskfree_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -508,19 +538,31 @@ def flex_maskfree_attention(
     *,
     scale: float | None = None,
     compile: bool | None = None,
+    bucket: bool | None = None,
 ) -> torch.Tensor:
     """FlexAttention under the rule: q [B, Hq, L, d], k/v [B, Hkv, L, d] -> [B, Hq, L, d].
 
     compile (default: on CUDA) uses ``torch.compile(flex_attention)`` (needed for the fused
-    kernel and for backward); eager flex is a dense reference. Padding rows come out as 0.
+    kernel and for backward); eager flex is a dense reference. bucket (default: when compiled)
+    pads q, k, v and the metadata to :func:`flex_bucket`'s length, so that segments of many
+    lengths share a few kernels; the padding attends nothing and is cut off again. Padding rows
+    come out as 0.
     """
     from torch.nn.attention.flex_attention import flex_attention
 
     compile = q.is_cuda if compile is None else compile
+    bucket = compile if bucket is None else bucket
     meta = meta.to(q.device)
+    length = q.shape[2]
+    padded = flex_bucket(length) if bucket else length
+    if padded > length:
+        grow = (0, 0, 0, padded - length)  # zero rows at the end of dim 2
+        q, k, v = F.pad(q, grow), F.pad(k, grow), F.pad(v, grow)
+        meta = meta.pad_to(padded)
     block_mask = flex_block_mask(meta, compile=compile)
     fn = _compiled("flex_attention") if compile else flex_attention
-    return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    out = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out[:, :, :length]
 
 
 def element_attention(q, k, v, meta: ElementMeta, *, scale: float | None = None) -> torch.Tensor:

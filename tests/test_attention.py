@@ -192,6 +192,7 @@ def test_drafter_rejects_cache_with_meta():
 @pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_forward_matches_dense(compile):
+    # compiled: the call runs padded to its bucket (230 -> 256 elements), as on a GPU
     gen = torch.Generator().manual_seed(9)
     lay = cod_sample(60, 5, 0.8, generator=gen, doc_ids=torch.tensor([0] * 25 + [1] * 35)).pad_to(230)
     q, k, v = (t.detach().float() for t in _qkv(len(lay), 4, 2, gen, d=16))
@@ -199,3 +200,22 @@ def test_flex_forward_matches_dense(compile):
     ref = _dense(q, k, v, lay)
     assert_close(out[:, :, lay.valid], ref[:, :, lay.valid], rtol=1e-5, atol=1e-5)
     assert torch.isfinite(out).all()
+
+
+def test_flex_buckets_bound_the_kernels_and_padding_changes_nothing():
+    from peagle.attention import flex_bucket
+
+    assert [flex_bucket(n) for n in (1, 128, 129, 300, 385, 1025, 20480)] == [128, 128, 256, 384, 512, 1536, 24576]
+    buckets = {flex_bucket(n) for n in range(1, 20481)}
+    assert len(buckets) == 15 and all(flex_bucket(n) < 1.5 * n + 128 for n in range(1, 20481))
+    if not flex_available():
+        pytest.skip("FlexAttention is not available in this torch")
+    gen = torch.Generator().manual_seed(4)
+    lay = cod_sample(50, 4, 0.8, generator=gen, doc_ids=torch.tensor([0] * 20 + [1] * 30))
+    q, k, v = (t.detach().float() for t in _qkv(len(lay), 4, 2, gen, d=16))
+    meta = ElementMeta.from_layout(lay)
+    plain = flex_maskfree_attention(q, k, v, meta, compile=False, bucket=False)
+    padded = flex_maskfree_attention(q, k, v, meta, compile=False, bucket=True)
+    assert padded.shape == plain.shape
+    assert_close(padded, plain, rtol=0, atol=1e-6)
+    assert len(meta.pad_to(flex_bucket(len(lay)))) == flex_bucket(len(lay))
