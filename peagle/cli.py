@@ -302,6 +302,15 @@ def cmd_compare(args) -> None:
 
     cfg = load_config(*(args.config or [DEFAULT_PROFILE]))
     tables_dir = args.tables_dir or recorded_dir(cfg.profile)
+    if not args.config and not args.tables_dir:
+        # The recorded baselines are current when the config files that made them (a profile and
+        # its overlays, e.g. config/tiny-seeds.yaml) still digest as they did.
+        from peagle.record import MANIFEST
+
+        manifest = Path(tables_dir) / MANIFEST
+        files = json.loads(manifest.read_text()).get("config_files") if manifest.exists() else None
+        if files and all(Path(f).exists() for f in files):
+            cfg = load_config(*files)
     text = compare_tables(tables_dir, current_digest=cfg.digest())
     print(text, end="")
     if args.out:
