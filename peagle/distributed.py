@@ -19,10 +19,12 @@ from typing import Callable, Sequence
 
 import torch
 
+from peagle.example import TrainingError
+
 __all__ = ["World", "DistributedError"]
 
 
-class DistributedError(ValueError):
+class DistributedError(TrainingError):
     """A launch that cannot train as asked (names the setting)."""
 
 
@@ -105,15 +107,15 @@ class World:
 
     def sum(self, values: Sequence[float], device: torch.device) -> list[float]:
         """Element-wise sum of a few numbers over the processes (float64)."""
-        if self.size == 1:
-            return list(values)
-        t = torch.tensor(list(values), dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        return t.tolist()
+        return self._reduce(values, device, "SUM")
 
     def max(self, values: Sequence[float], device: torch.device) -> list[float]:
+        """Element-wise maximum of a few numbers over the processes (float64)."""
+        return self._reduce(values, device, "MAX")
+
+    def _reduce(self, values: Sequence[float], device: torch.device, op: str) -> list[float]:
         if self.size == 1:
             return list(values)
         t = torch.tensor(list(values), dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op))
         return t.tolist()

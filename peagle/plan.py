@@ -10,8 +10,9 @@ target take tens of terabytes.
 
 Response lengths given as a median and a P90 are modelled as a log-normal through those two
 quantiles, capped at ``respond.max_new_tokens``; training sequences are capped at the cell's
-context. Means of capped variables are computed exactly (closed form of the truncated
-log-normal), not sampled.
+context. Means of capped log-normal lengths are exact (closed form of the truncated
+log-normal), not sampled; a length given only as a mean is capped as min(mean, cap), an
+overestimate of the capped mean.
 """
 
 from __future__ import annotations
@@ -137,11 +138,9 @@ def plan_profile(cfg: Config, rates: dict[str, Any], *, where: str = "config/rat
     prompt_mean = prompt.capped_mean(None)
     gpu = cfg.runtime.device.startswith("cuda")
 
-    def seq_mean(ctx: int | None) -> float:
-        # Sequences are prompt + response; a context cap cuts the response (prompts are short).
-        cap = None if ctx is None else max(ctx - prompt_mean, 0.0)
-        return prompt_mean + (response.capped_mean(min(cap, cfg.respond.max_new_tokens)) if cap is not None
-                              else resp_mean)
+    def seq_mean(ctx: int) -> float:
+        # Sequences are prompt + response; a training context cuts the response (prompts are short).
+        return prompt_mean + response.capped_mean(min(max(ctx - prompt_mean, 0.0), cfg.respond.max_new_tokens))
 
     plans: list[StagePlan] = []
     table9_targets = cfg.table9.targets or [t.name for t in cfg.targets]

@@ -35,7 +35,7 @@ from peagle import checkpoint as ckpt
 from peagle import memory
 from peagle.cod import cod_sample, full_grid
 from peagle.config import Config
-from peagle.distributed import DistributedError, World
+from peagle.distributed import World
 from peagle.drafters import DrafterSpec, build_drafter, num_parameters
 from peagle.example import MaskBuilder, TrainingError, build_example, load_rows, truncate
 from peagle.io import atomic_write_json
@@ -183,10 +183,7 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
     torch.set_num_threads(cfg.runtime.threads)
     world = World.from_env()  # torchrun's processes; one without it
     device = world.device(torch.device(cfg.runtime.device))
-    try:
-        world.check(tc.grad_accum, device)
-    except DistributedError as err:
-        raise TrainingError(str(err)) from None
+    world.check(tc.grad_accum, device)
     world.init(device)
     if not world.is_main:  # one voice: the main process logs, writes metrics, checkpoints and results
         log, progress = (lambda m: None), False
