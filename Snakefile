@@ -36,6 +36,8 @@ wildcard_constraints:
     k=r"\d+",
     evalset=r"[a-z0-9_]+",
     target=r"[A-Za-z0-9][A-Za-z0-9.-]*",
+    part=r"\d+",
+    run=r"[0-9a-f]{12}",
 
 
 include: "workflow/rules/common.smk"
@@ -48,6 +50,7 @@ include: "workflow/rules/tables.smk"
 include: "workflow/rules/scaling.smk"
 include: "workflow/rules/vllm.smk"
 include: "workflow/rules/compare.smk"
+include: "workflow/rules/ablations.smk"
 
 
 localrules:

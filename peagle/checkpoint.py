@@ -62,11 +62,15 @@ def vllm_config(spec: DrafterSpec, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_drafter(directory: str | Path, model: PEagleDrafter, meta: dict[str, Any],
-                 trainer_state: dict[str, Any] | None = None) -> Path:
-    """Write config.json + model.safetensors (+ trainer_state.pt) atomically into ``directory``."""
+                 trainer_state: dict[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write config.json + model.safetensors (+ trainer_state.pt) atomically into ``directory``.
+
+    ``tensors``: the model's whole state dict when ``model`` holds only its shards (FSDP).
+    """
     final = Path(directory)
+    state = model.state_dict() if tensors is None else tensors
     with atomic_dir(final) as tmp:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         meta = {**meta, "weights_sha256": sha256_file(tmp / WEIGHTS_NAME), "tensors_sha256": tensors_digest(tensors)}
         (tmp / CONFIG_NAME).write_text(json.dumps(vllm_config(model.spec, meta), indent=2) + "\n")
@@ -238,6 +242,10 @@ def check_export(directory: str | Path) -> None:
                             f"{list(MASK_TOKEN_KEYS)}, found {({k: cfg[k] for k in present})}")
     elif present:
         problems.append(f"an EAGLE-3 drafter must not carry {present}: they mark a parallel drafter")
+    variant = spec.get("hidden_variant", "shared")
+    if variant != "shared":
+        problems.append(f"hidden_variant is {variant!r}: vLLM drafts with the shared mask_hidden alone; this Table 3 "
+                        "ablation drafter runs in the suite's engine only")
     if problems:
         raise CheckpointError(f"{path}: " + "; ".join(problems))
 

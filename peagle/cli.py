@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 
@@ -114,18 +116,57 @@ def cmd_target(args) -> None:
         _log(f"recorded {tc.name} in {record_dir}")
 
 
+def _greedy_backend(cfg, target_json: str):
+    """The profile's regeneration backend for a target: ``(generator, tokenizer)``."""
+    if cfg.respond.backend == "vllm":
+        from transformers import AutoTokenizer
+
+        from peagle.generate import VllmGreedy
+        from peagle.target.hf import read_target_json, resolve_model_path
+        from peagle.vllm_bench import VllmSettings
+
+        where = resolve_model_path(target_json, read_target_json(target_json)["path"])
+        tok = AutoTokenizer.from_pretrained(where)
+        return VllmGreedy(where, tok, VllmSettings.from_config(cfg), cfg.runtime.device), tok
+    from peagle.generate import HFGreedy
+    from peagle.target import load_target
+
+    model, tok, _ = load_target(target_json, device=cfg.runtime.device, dtype=cfg.runtime.dtype)
+    return HFGreedy(model, tok, cfg.respond.batch_size), tok
+
+
 def cmd_respond(args) -> None:
     cfg = _config(args)
     _threads(cfg)
     from peagle.data.schema import read_prompts
-    from peagle.generate import regenerate_responses
-    from peagle.target import load_target
+    from peagle.generate import gather_parts, regenerate_part
+    from peagle.io import atomic_write_json, sha256_file
 
-    model, tok, _ = load_target(args.target, device=cfg.runtime.device, dtype=cfg.runtime.dtype)
+    rc = cfg.respond
     records = read_prompts(args.prompts)
-    if cfg.respond.n_prompts is not None:
-        records = records[:cfg.respond.n_prompts]
-    stats = regenerate_responses(model, tok, records, cfg.respond.max_new_tokens, cfg.respond.batch_size, args.out)
+    if rc.n_prompts is not None:
+        records = records[:rc.n_prompts]
+    gen, tok = _greedy_backend(cfg, args.target)
+    shard_dir = args.shard_dir or f"{args.out}.shards"
+    parts = range(rc.parts) if args.part is None else [args.part]
+    summaries = [regenerate_part(gen, tok, records, shard_dir, max_new_tokens=rc.max_new_tokens,
+                                 shard_prompts=rc.shard_prompts, part=p, parts=rc.parts, max_turns=rc.max_turns,
+                                 on_long_prompt=rc.on_long_prompt, target_sha256=sha256_file(args.target)) for p in parts]
+    for s in summaries:
+        _log(f"part {s['part'] + 1}/{s['parts']}: {len(s['shards'])} shards ({s['shards_reused']} reused), "
+             f"{s['num_prompts']} conversations, {s['turns']} turns, {s['response_tokens']} response tokens, "
+             f"{s['generated_tokens']} generated at {s['tokens_per_s']:.0f} tok/s")
+    if args.part is None:  # the whole set in this process: the responses file itself
+        _log(f"responses: {json.dumps(gather_parts(summaries, args.out))}")
+    else:
+        atomic_write_json(args.out, summaries[0])
+
+
+def cmd_gather_responses(args) -> None:
+    from peagle.generate import gather_parts
+    from peagle.io import read_json
+
+    stats = gather_parts([read_json(p, ValueError, fix="re-run the respond stage") for p in args.parts], args.out)
     _log(f"responses: {json.dumps(stats)}")
 
 
@@ -133,25 +174,72 @@ def cmd_extract(args) -> None:
     cfg = _config(args)
     _threads(cfg)
     from peagle.hidden import extract_hidden_states
-    from peagle.target import load_target
+    from peagle.target import load_target, read_target_json
 
-    model, _, info = load_target(args.target, device=cfg.runtime.device, dtype=cfg.runtime.dtype)
-    manifest = extract_hidden_states(model, args.responses, info["aux_layer_ids"], args.out_dir,
-                                     cfg.hidden.shard_tokens, cfg.hidden.dtype, info["path"])
-    _log(f"hidden states: {manifest.get('num_sequences')} sequences, {manifest.get('num_tokens')} tokens")
+    hc = cfg.hidden
+    if hc.backend == "vllm":
+        from peagle.vllm_bench import VllmSettings
+        from peagle.vllm_hidden import VllmStates
+
+        info = read_target_json(args.target)
+        states = VllmStates(args.target, info["aux_layer_ids"], VllmSettings.from_config(cfg), cfg.runtime.device,
+                            batch=hc.batch, work_dir=f"{args.out_dir}/.vllm")
+    else:
+        states, _, info = load_target(args.target, device=cfg.runtime.device, dtype=cfg.runtime.dtype)
+    manifest = extract_hidden_states(states, args.responses, info["aux_layer_ids"], args.out_dir, hc.shard_tokens,
+                                     hc.dtype, info["path"], shard_mb=hc.shard_mb)
+    _log(f"hidden states ({hc.backend}): {manifest['num_sequences']} sequences, {manifest['num_tokens']} tokens, "
+         f"{manifest['num_bytes'] / 2**30:.2f} GiB in {len(manifest['shards'])} shards")
+
+
+def _ablation_config(cfg, target: str, digest: str):
+    """The training config of ablation run ``digest`` of ``target`` (peagle.ablations)."""
+    from peagle.ablations import find_run, plan_ablations, run_config
+    from peagle.config import config_from_dict
+
+    run = find_run(plan_ablations(cfg, config_from_dict), target, digest)
+    return run, run_config(cfg, run, config_from_dict)
 
 
 def cmd_train(args) -> None:
     cfg = _config(args)
+    if args.ablation_run:
+        from peagle.target import read_target_json
+
+        run, cfg = _ablation_config(cfg, read_target_json(args.target)["name"], args.ablation_run)
+        if (run.method, run.ctx) != (args.method, args.ctx):
+            raise ValueError(f"ablation run {run.digest} trains {run.method} at ctx {run.ctx}, not {args.method} at "
+                             f"{args.ctx}; re-run snakemake")
     # One run, one seed (drafter init, COD sampling, data order): the run's config holds it alone.
     seed = cfg.train.seeds[0] if args.seed is None else args.seed
     cfg = cfg.for_seed(seed)
+    if args.nproc < 1:
+        raise ValueError(f"--nproc {args.nproc}: training needs at least 1 process")
+    if not args.in_process and "LOCAL_RANK" not in os.environ:  # not one of torchrun's processes
+        from peagle.supervise import supervise
+
+        code = supervise(args.argv, args.nproc, cfg, args.target, args.method, args.ctx, args.out_dir, _log)
+        if code:
+            raise SystemExit(code)
+        return
     _threads(cfg)
     from peagle.distributed import World
+    from peagle.memory import is_oom
+    from peagle.supervise import EXIT_OOM, record_oom
     from peagle.train import train_drafter
 
     try:
         summary = train_drafter(cfg, args.target, args.hidden_dir, args.method, args.ctx, args.out_dir, log=_log)
+    except BaseException as err:  # noqa: BLE001 -- only out-of-memory is caught
+        if not is_oom(err):
+            raise
+        traceback.print_exc()
+        cuda = type(err).__name__ == "OutOfMemoryError"
+        msg = (str(err).strip().splitlines() or [""])[-1][:400]
+        record_oom(cfg, args.target, args.method, args.ctx, args.out_dir,
+                   f"{'device' if cuda else 'host'} memory, outside the memory meter: {type(err).__name__}: {msg}",
+                   device=cfg.runtime.device if cuda else "host")
+        raise SystemExit(EXIT_OOM) from None  # torchrun stops the other processes; the supervisor succeeds
     finally:
         World.shutdown()  # torchrun's process group, if any
     if summary.get("status") == "OOM":
@@ -215,6 +303,25 @@ def cmd_memory_scaling(args) -> None:
 
     run_sweep(cfg, args.out, config_files=args.config, device=args.device, hidden_size=args.hidden_size,
               budget_mb=args.budget_mb, figure=args.figure, timeout_s=args.timeout, **overrides(args), log=_log)
+
+
+def cmd_ablation_table(args) -> None:
+    cfg = _config(args)
+    from peagle.tables import write_ablation_table
+
+    df = write_ablation_table(cfg, args.table, args.evals, args.out, benchmarks=args.benchmarks or [],
+                              config_files=args.config)
+    _log(f"{args.table}: {len(df)} rows -> {args.out}")
+
+
+def cmd_fig_alpha(args) -> None:
+    from peagle.figures import plot_fig_alpha
+    from peagle.tables import paper_numbers
+
+    paper = paper_numbers()
+    hit = paper[(paper["table"] == "figB") & (paper["metric"] == "alpha_final")]["value"]
+    paths = plot_fig_alpha(args.runs, args.out, paper_final=float(hit.iloc[0]) if len(hit) else None)
+    _log(f"Figure B -> {', '.join(map(str, paths))}")
 
 
 def cmd_table9(args) -> None:
@@ -311,7 +418,7 @@ def cmd_compare(args) -> None:
         files = json.loads(manifest.read_text()).get("config_files") if manifest.exists() else None
         if files and all(Path(f).exists() for f in files):
             cfg = load_config(*files)
-    text = compare_tables(tables_dir, current_digest=cfg.digest())
+    text = compare_tables(tables_dir, current_digest=cfg.digest(), only=args.tables)
     print(text, end="")
     if args.out:
         atomic_write_text(args.out, text)
@@ -400,9 +507,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out-dir", required=True)
     sp.add_argument("--record", action="store_true",
                     help="pretrain afresh and record the result in target.recorded_dir/<name> (tiny targets)")
-    sp = add("respond", cmd_respond, "regenerate training responses with the target (greedy)")
+    sp = add("respond", cmd_respond, "regenerate training responses with the target (greedy, every turn)")
     sp.add_argument("--target", required=True)
     sp.add_argument("--prompts", required=True)
+    sp.add_argument("--out", required=True, help="the responses JSONL; with --part, that part's summary (JSON)")
+    sp.add_argument("--part", type=int, help="generate only part PART of respond.parts (0-based); gather the "
+                    "parts with `peagle gather-responses`")
+    sp.add_argument("--shard-dir", help="where the resumable shards go (default: OUT.shards)")
+    sp = add("gather-responses", cmd_gather_responses, "concatenate the respond parts' shards into the responses JSONL")
+    sp.add_argument("--parts", nargs="+", required=True, help="every part's summary (respond --part)")
     sp.add_argument("--out", required=True)
     sp = add("extract", cmd_extract, "extract target hidden states into safetensors shards")
     sp.add_argument("--target", required=True)
@@ -410,11 +523,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out-dir", required=True)
     sp = add("train", cmd_train, "train a drafter")
     sp.add_argument("--target", required=True)
-    sp.add_argument("--hidden-dir", required=True)
+    sp.add_argument("--hidden", "--hidden-dir", dest="hidden_dir", required=True,
+                    help="the hidden-state store (its directory); with train.hidden_source online, the responses JSONL")
     sp.add_argument("--method", required=True)
     sp.add_argument("--ctx", type=int, required=True, help="training context length (tokens)")
     sp.add_argument("--seed", type=int, help="this run's seed, one of train.seeds (default: the first)")
+    sp.add_argument("--ablation-run", help="train ablation run DIGEST of the config's ablations (the DAG's {run})")
     sp.add_argument("--out-dir", required=True)
+    sp.add_argument("--nproc", type=int, default=1,
+                    help="training processes, one per GPU: more than 1 trains data-parallel under torchrun")
+    sp.add_argument("--in-process", action="store_true",
+                    help="train in this process, unsupervised (torchrun's processes always do): a kill for memory "
+                         "fails the command, an allocation failure records an OOM result and exits 75")
     sp = add("evaluate", cmd_evaluate, "acceptance length with the speculative-decoding engine")
     sp.add_argument("--target", required=True)
     sp.add_argument("--drafter", required=True,
@@ -457,6 +577,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("table9", cmd_table9, "paper Table 9: EAGLE-3 vs P-EAGLE acceptance length per target and set")
     sp.add_argument("--evals", nargs="+", required=True)
     sp.add_argument("--out", required=True)
+    sp = add("ablation-table", cmd_ablation_table, "paper Tables 3-8: one training-recipe ablation beside the paper")
+    sp.add_argument("--table", required=True, help="the ablation table (table3 ... table8)")
+    sp.add_argument("--evals", nargs="+", required=True, help="evaluate JSONs, in the order rows x eval sets x seeds")
+    sp.add_argument("--benchmarks", nargs="*", help="benchmark TSVs of the table's jobs (wall times)")
+    sp.add_argument("--out", required=True)
+    sp = add("fig-alpha", cmd_fig_alpha, "paper Figure B: the regularized design's alpha over training steps")
+    sp.add_argument("--runs", nargs="+", required=True, help="training run dirs (regularized_ntp), one per seed")
+    sp.add_argument("--out", required=True, help="base path: writes OUT.png, OUT.pdf and OUT.csv")
     sp = add("table10", cmd_table10, "paper Table 10: vLLM output tokens/s, P-EAGLE at each K vs EAGLE-3 at its best K")
     sp.add_argument("--results", nargs="+", required=True, help="vllm-throughput JSONs")
     sp.add_argument("--out", required=True)
@@ -512,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_compare)
     add_profile(sp, "whose digest decides what is stale")
     sp.add_argument("--tables-dir", help="tables to compare (default: results/recorded/<profile>)")
+    sp.add_argument("--tables", nargs="+", help="only these tables (e.g. table3 table4; default: every one)")
     sp.add_argument("--out", help="also write the report here")
     sp = add("compare-drafter", cmd_compare_drafter,
              "your own EAGLE-3/P-EAGLE drafter (this suite's or the speculators format) vs the recorded baselines")
@@ -543,6 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what peagle train's children rerun
     from peagle.config import ConfigError
 
     try:

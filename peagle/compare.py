@@ -23,7 +23,17 @@ from peagle.provenance import read_provenance, sidecar
 from peagle.tables import NEAR_BUDGET, paper_numbers
 
 FAILED = ("OOM", "infeasible")
-TABLES = ("table1", "table2", "table9", "drafting_cost", "table10")
+TABLES = ("table1", "table2", "table3", "table4", "table5", "table6", "table7", "table8", "table9", "drafting_cost",
+          "table10")
+# The paper's claim behind each ablation table, and how its rows should order if it holds.
+ABLATION_CLAIMS = {
+    "table3": ("(3) the shared h_shared is at least as good as every position-aware alternative", "first_best"),
+    "table4": ("(4) acceptance rises with drafter layers (1 -> 2 -> 4)", "rises"),
+    "table5": ("(5) trainable embeddings beat frozen ones", "rises"),
+    "table6": ("(6) training at K=8 beats K=5 at K_infer=5", "rises"),
+    "table7": ("more epochs help (20 -> 40 -> 60)", "rises"),
+    "table8": ("a longer training length helps (512 -> 2048)", "rises"),
+}
 EVAL_SET_ORDER = ("mt_bench", "humaneval", "gsm8k")
 METHOD_NAMES = {"eagle3": "EAGLE-3", "peagle": "P-EAGLE", "pard": "PARD", "parallelspec": "ParallelSpec"}
 
@@ -369,6 +379,47 @@ def _trend(vals: list[Any], stds: list[float | None] | None = None) -> str:
     return f"{word} ({shown}){gaps}"
 
 
+# --------------------------------------------------------------------------- Tables 3-8
+
+
+def compare_ablation(name: str, df: pd.DataFrame, provenance: dict[str, Any] | None = None) -> list[str]:
+    """An ablation table (rows = values of one setting) beside the paper, and whether its claim holds
+    per evaluation set: ties within the seed spread count as ties, as for Tables 1 and 9."""
+    claim, shape = ABLATION_CLAIMS.get(name, ("the paper's ordering of the rows", "rises"))
+    sets = [s for s in EVAL_SET_ORDER if s in df.columns]
+    n_seeds, seeds = _n_seeds(df, provenance)
+    scale = (provenance or {}).get("scale")
+    out = [f"## {name}: {df['setting'].iloc[0]}" + (f" (tiny scale: {scale})" if scale else ""),
+           f"Claim {claim}."]
+    show = df[["row", "paper_setting"]].copy()
+    for s in sets:
+        show[f"{s} (ours)"] = [_pm(parse_cell(v), _std(sd)) for v, sd in zip(df[s], df[f"{s}_std"])]
+        show[f"{s} (paper)"] = [_fmt(parse_cell(v)) for v in df[f"{s}_paper"]]
+    out += [render(show), "", spread_line(n_seeds, seeds)]
+    for s in sets:
+        vals = [parse_cell(v) for v in df[s]]
+        stds = [_std(v) for v in df[f"{s}_std"]]
+        paper = [parse_cell(v) for v in df[f"{s}_paper"]]
+        if shape == "first_best":
+            first, s0 = vals[0], stds[0]
+            if not isinstance(first, float):
+                out.append(f"- {s}: the first row did not train ({first}); no verdict.")
+                continue
+            beaten = [r for r, v, sd in zip(df["row"][1:], vals[1:], stds[1:])
+                      if isinstance(v, float) and v > first and not _tie(first, v, s0, sd)]
+            tied = [r for r, v, sd in zip(df["row"][1:], vals[1:], stds[1:]) if isinstance(v, float) and _tie(first, v, s0, sd)]
+            verdict = ("holds" if not beaten else f"fails: {', '.join(beaten)} beat(s) it") + (
+                f" ({', '.join(tied)} tie within the spread)" if tied else "")
+            p_ok = all(isinstance(p, float) and p <= paper[0] for p in paper[1:]) if isinstance(paper[0], float) else None
+            out.append(f"- {s}: {df['row'].iloc[0]} {_pm(first, s0)}; claim {verdict}"
+                       + ("" if p_ok is None else f"; in the paper it {'holds' if p_ok else 'fails'}") + ".")
+        else:
+            trend = _trend(vals, stds).replace("rises with context", "rises")
+            p_trend = _trend([p for p in paper if isinstance(p, float)]).replace("rises with context", "rises")
+            out.append(f"- {s}: ours {trend}; the paper {p_trend}.")
+    return out
+
+
 # --------------------------------------------------------------------------- Table 2
 
 
@@ -686,11 +737,12 @@ def provenance_line(path: Path, current_digest: str | None) -> str:
     return f"Provenance: {made}, config digest {digest} -> current."
 
 
-def compare_tables(tables_dir: str | Path = "paper_tables", current_digest: str | None = None) -> str:
+def compare_tables(tables_dir: str | Path = "paper_tables", current_digest: str | None = None,
+                   only: list[str] | None = None) -> str:
     """The comparison report (plain text, Markdown tables when ``tabulate`` is installed).
 
     ``current_digest``: the config digest of the profile in effect; each table is then marked
-    current or stale (see :func:`provenance_line`).
+    current or stale (see :func:`provenance_line`). ``only``: these tables (default: all of TABLES).
     """
     tables_dir = Path(tables_dir)
     out = ["# Regenerated tables vs the paper (arXiv 2602.01469)", "",
@@ -705,7 +757,7 @@ def compare_tables(tables_dir: str | Path = "paper_tables", current_digest: str 
                     f"wall time {_fmt(m.get('wall_time_s'), 0)} s.", ""]
         except (json.JSONDecodeError, AttributeError):
             out += [f"{manifest}: unreadable; ignored.", ""]
-    for name in TABLES:
+    for name in only or TABLES:
         path = tables_dir / f"{name}.csv"
         if not path.exists():
             out += [f"## {name}: {path} not found; skipped.", ""]
@@ -731,6 +783,12 @@ def compare_tables(tables_dir: str | Path = "paper_tables", current_digest: str 
                 section = compare_table9(df, prov9)
             elif name == "table10":
                 section = compare_table10(df)
+            elif name in ABLATION_CLAIMS:
+                try:
+                    prov_a = read_provenance(path)
+                except ValueError:
+                    prov_a = None
+                section = compare_ablation(name, df, prov_a)
             else:
                 section = compare_drafting_cost(df)
             out += section[:2] + [provenance_line(path, current_digest), ""] + section[2:]

@@ -170,19 +170,56 @@ class RespondConfig:
     """Greedy regeneration of training responses by the target."""
 
     max_new_tokens: int = 384
-    batch_size: int = 16
+    batch_size: int = 16  # HF generate's lock-step batch (the vllm backend batches continuously)
     n_prompts: int | None = None  # None: every training prompt
+    # hf: transformers generate in this environment; vllm: vLLM's offline engine, the job running
+    # in the vLLM environment (vllm.python or envs/vllm*.yaml) with the vllm.* engine settings.
+    backend: Literal["hf", "vllm"] = "hf"
+    # Conversations per shard (one file each, resumable); None: one shard.
+    shard_prompts: int | None = None
+    # Data-parallel parts (one job each, e.g. one per GPU): part p generates shards p, p+parts, ...
+    parts: int = 1
+    # User turns answered per conversation (each after the target's own earlier answers); None: all.
+    max_turns: int | None = None
+    # A turn whose prompt leaves no room below the target's context: fail, or skip it (its
+    # conversation ends at the turn before; counted in the summary). Never truncated.
+    on_long_prompt: Literal["fail", "skip"] = "fail"
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1, "respond.max_new_tokens", "must be >= 1")
+        _check(self.batch_size >= 1, "respond.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.shard_prompts is None or self.shard_prompts >= 1, "respond.shard_prompts",
+               f"must be >= 1, or null for one shard; got {self.shard_prompts}")
+        _check(self.parts >= 1, "respond.parts", f"must be >= 1, got {self.parts}")
+        _check(self.parts == 1 or self.shard_prompts is not None, "respond.parts",
+               f"{self.parts} parts need respond.shard_prompts (parts split the shards); set it",
+               involves=("respond.shard_prompts",))
+        _check(self.max_turns is None or self.max_turns >= 1, "respond.max_turns",
+               f"must be >= 1, or null for every turn; got {self.max_turns}")
         _check(self.n_prompts is None or self.n_prompts >= 1, "respond.n_prompts",
                f"must be >= 1, or null for every training prompt; got {self.n_prompts}")
 
 
 @dataclass(frozen=True)
 class HiddenConfig:
-    shard_tokens: int = 200_000
+    """The hidden-state store (peagle.hidden): shards of whole sequences, bounded in tokens and bytes."""
+
+    shard_tokens: int | None = 200_000  # None: bounded by shard_mb alone
+    shard_mb: float | None = 2000.0  # MiB per shard (a longer single sequence gets a shard of its own)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # hf: one transformers forward per sequence; vllm: vLLM's extract_hidden_states method, the job
+    # running in the vLLM environment (peagle.vllm_hidden; equal to hf within 1e-4 in fp32).
+    backend: Literal["hf", "vllm"] = "hf"
+    batch: int = 64  # sequences per vLLM call (backend vllm)
+
+    def __post_init__(self) -> None:
+        _check(self.shard_tokens is None or self.shard_tokens >= 1, "hidden.shard_tokens",
+               f"must be >= 1, or null for shard_mb alone; got {self.shard_tokens}")
+        _check(self.shard_mb is None or self.shard_mb > 0, "hidden.shard_mb",
+               f"must be > 0 (MiB), or null for shard_tokens alone; got {self.shard_mb}")
+        _check(self.batch >= 1, "hidden.batch", f"must be >= 1, got {self.batch}")
+        _check(self.shard_tokens is not None or self.shard_mb is not None, "hidden.shard_tokens",
+               "shard_tokens and shard_mb cannot both be null: shards would be unbounded", involves=("hidden.shard_mb",))
 
 
 @dataclass(frozen=True)
@@ -198,8 +235,9 @@ class DrafterConfig:
     rope_theta: float = 10000.0
     embed_trainable: bool = True
     lm_head_trainable: bool = False
-    # How MTP (mask) slots get their hidden input; "shared" is P-EAGLE's learnable h_shared.
-    hidden_variant: Literal["shared"] = "shared"
+    # How MTP (mask) slots get their hidden input (peagle.drafters; Table 3): "shared" is P-EAGLE's
+    # learnable h_shared, the others the paper's position-aware alternatives (definitions inferred).
+    hidden_variant: Literal["shared", "depth_encoding", "ntp_depth_encoding", "ntp", "regularized_ntp"] = "shared"
 
     def __post_init__(self) -> None:
         _check(self.num_layers >= 1, "drafter.num_layers", "must be >= 1")
@@ -224,6 +262,14 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     grad_accum: int = 8
+    # Data order: the store's shards in a seeded order, taken this many at a time; the sequences of
+    # each window of shards in a seeded random order. Every shard is then read once per epoch and
+    # at most 2 windows of shards are in memory. A store of at most this many shards is shuffled
+    # whole. None: always shuffle the whole store.
+    shard_window: int | None = 2
+    # offline: train on the extracted hidden-state store; online: the frozen target computes each
+    # sequence's hidden states as the drafter trains (no store on disk; one target forward per read).
+    hidden_source: Literal["offline", "online"] = "offline"
     # Sequence partitioning (paper §3.2): segments per sequence, each run forward+backward on its
     # own (peagle.partition); same gradient, lower peak memory. 1 = off. Must be <= rows (T - 1).
     partitions: int = 1
@@ -236,6 +282,10 @@ class TrainConfig:
     # Cap on one training run's memory in MiB (weights, gradients, optimizer, activations;
     # see peagle.memory). Exceeding it ends the run with status OOM; None = no cap.
     memory_budget_mb: int | None = None
+    # How several training processes (torchrun) share the drafter: "ddp" replicates it and sums the
+    # gradients once per step; "fsdp" shards weights, gradients and AdamW moments over them (FSDP2,
+    # peagle.distributed) for a drafter whose training state does not fit one device.
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
     # Longest acceptable epoch in seconds (the paper's line is 10 h on 8xH200). The run measures
     # its first ``budget_probe_steps`` optimizer steps and stops with status "infeasible" when
     # step time x steps per epoch exceeds it; None = no limit.
@@ -260,6 +310,8 @@ class TrainConfig:
         return self.seeds[0]
 
     def __post_init__(self) -> None:
+        _check(self.shard_window is None or self.shard_window >= 1, "train.shard_window",
+               f"must be >= 1 (shards per shuffling window), or null to shuffle the whole store; got {self.shard_window}")
         _check(isinstance(self.seeds, list) and len(self.seeds) >= 1, "train.seeds",
                "must be a non-empty list of integers, e.g. [0] (one run per cell) or [0, 1, 2]")
         _check(all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds), "train.seeds",
@@ -343,6 +395,9 @@ class EvalConfig:
     sets: list[str] = field(default_factory=lambda: ["mt_bench", "humaneval", "gsm8k"])
     # Prompts on which the engine's output is also checked against plain greedy decoding.
     lossless_check_prompts: int = 2
+    # User turns asked per conversation (MT-Bench has two): 1 = the first only, as vLLM's serving
+    # benchmark asks; 2 = the second too, after the target's own first answer.
+    turns: int = 1
 
     def __post_init__(self) -> None:
         _check(self.k >= 1, "eval.k", "must be >= 1")
@@ -350,6 +405,7 @@ class EvalConfig:
                f"must be >= 1, or null for the whole evaluation set; got {self.n_prompts}")
         bad = sorted(set(self.sets) - {"mt_bench", "humaneval", "gsm8k"})
         _check(not bad, "eval.sets", f"unknown evaluation sets {bad}; use mt_bench, humaneval, gsm8k")
+        _check(self.turns >= 1, "eval.turns", f"must be >= 1 (user turns asked per conversation), got {self.turns}")
 
 
 @dataclass(frozen=True)
@@ -455,6 +511,63 @@ class Table10Config:
         _check(not bad, "table10.eval_sets", f"unknown evaluation sets {bad}; use mt_bench, humaneval, gsm8k")
 
 
+Scalar = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class AblationTable:
+    """One ablation table: its rows differ in one setting (peagle.ablations).
+
+    ``setting``: a dotted config key that affects training (``drafter.num_layers``,
+    ``train.k_train``, ...) or ``ctx``, the training context. ``rows``: its values, one row each.
+    ``then``: the value later tables of the group train with (None: the last row), so that adding
+    a row retrains nothing else. ``paper``: per row, the paper's setting it stands for, as
+    ``paper_numbers.csv`` spells it (``layers=4``); rows beyond the list have no paper value.
+    """
+
+    setting: str
+    rows: list[Scalar]
+    then: Scalar | None = None
+    paper: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.rows), "*.rows", "an ablation table needs at least one row")
+        _check(len(set(map(repr, self.rows))) == len(self.rows), "*.rows", f"rows repeat a value: {self.rows}")
+        _check(len(self.paper) <= len(self.rows), "*.paper", "more paper labels than rows")
+
+    @property
+    def carried(self) -> Scalar:
+        return self.rows[-1] if self.then is None else self.then
+
+
+@dataclass(frozen=True)
+class AblationGroup:
+    """Ablation tables trained on one target and method, evaluated on ``eval_sets`` at depth ``k``.
+
+    The tables form a chain in their order: table i's runs take ``base``, then every earlier
+    table's ``then`` value, then their own row's value (the paper's Tables 6, 8, 5, 4, 7: each
+    table's "before" row is the previous table's "after" row). ``ctx`` None: Table 9's context.
+    ``scale``: how the group's lengths and epochs stand for the paper's (stated in the tables).
+    """
+
+    tables: dict[str, AblationTable]
+    target: str | None = None  # None: the profile's main target
+    method: str = "peagle"
+    ctx: int | None = None
+    k: int = 5
+    eval_sets: list[str] = field(default_factory=lambda: ["humaneval"])
+    base: dict[str, Scalar] = field(default_factory=dict)
+    scale: str = ""
+
+    def __post_init__(self) -> None:
+        _check(self.k >= 1, "*.k", "must be >= 1")
+        _check(self.ctx is None or self.ctx >= 3, "*.ctx", "must be >= 3 tokens")
+        bad = sorted(set(self.eval_sets) - {"mt_bench", "humaneval", "gsm8k"})
+        _check(bool(self.eval_sets) and not bad, "*.eval_sets", f"unknown evaluation sets {bad}; use mt_bench, "
+               "humaneval, gsm8k")
+        _check(bool(self.tables), "*.tables", "an ablation group needs at least one table")
+
+
 @dataclass(frozen=True)
 class ScalingConfig:
     """Training-overhead and memory benchmarks (paper Table 2, Figs. 3-4, memory scaling)."""
@@ -484,6 +597,18 @@ class ScalingConfig:
         _check(self.fig4_segments >= 1, "scaling.fig4_segments", "must be >= 1")
 
 
+def _check_setting(key: str, where: str) -> None:
+    """``key`` is ``ctx`` or a dotted key of a section that shapes training (drafter, train, methods.*)."""
+    if key == "ctx":
+        return
+    parts = key.split(".")
+    ok = parts[0] in ("drafter", "train") and len(parts) == 2 or parts[0] == "methods" and len(parts) == 3
+    section = {"drafter": DrafterConfig, "train": TrainConfig, "methods": MethodConfig}.get(parts[0])
+    ok = ok and parts[-1] in {f.name for f in dataclasses.fields(section)}
+    _check(ok, where, f"{key!r} is not a training setting: use ctx, drafter.<key>, train.<key> or "
+           "methods.<method>.<key> (peagle.config's DrafterConfig, TrainConfig, MethodConfig)")
+
+
 @dataclass(frozen=True)
 class Config:
     profile: str
@@ -511,6 +636,8 @@ class Config:
     extra_targets: list[TargetConfig] = field(default_factory=list)
     methods: dict[str, MethodConfig] = field(
         default_factory=lambda: {k: MethodConfig(**v) for k, v in DEFAULT_METHODS.items()})
+    # The training-recipe ablations (Tables 3-8, peagle.ablations), in groups of chained tables.
+    ablations: dict[str, AblationGroup] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.targets]
@@ -533,6 +660,30 @@ class Config:
                             ("table10.targets", self.table10.targets)):
             bad = sorted(set(w for w in wanted or [] if w is not None) - set(names))
             _check(not bad, key, f"unknown targets {bad}; the profile's targets are {names}", involves=name_keys)
+        self._check_ablations(names)
+
+    def _check_ablations(self, names: list[str]) -> None:
+        """The ablations' structure: targets, methods, settings and table names. Whether every row
+        makes a valid training run is checked where the ablations are used (peagle.ablations:
+        the DAG's ablation rules, ``peagle plan``), so an overlay that shrinks, say, ``train.k_train``
+        for another table is not refused for ablations it does not run."""
+        seen: dict[str, str] = {}
+        for gname, group in self.ablations.items():
+            where = f"ablations.{gname}"
+            _check(group.target is None or group.target in names, f"{where}.target",
+                   f"unknown target {group.target!r}; the profile's targets are {names}")
+            _check(group.method in self.methods, f"{where}.method",
+                   f"unknown method {group.method!r}; defined in methods: {', '.join(self.methods)}")
+            for key in group.base:
+                _check_setting(key, f"{where}.base.{key}")
+            for tname, table in group.tables.items():
+                _check(re.fullmatch(r"table[0-9]+|fig[A-Za-z0-9]+", tname) is not None, f"{where}.tables.{tname}",
+                       "ablation tables are named tableN (they name paper_tables/tableN.csv)")
+                _check(tname not in seen, f"{where}.tables.{tname}", f"also defined in ablations.{seen.get(tname)}")
+                seen[tname] = gname
+                _check_setting(table.setting, f"{where}.tables.{tname}.setting")
+
+
 
     @property
     def tables_path(self) -> str:
@@ -592,10 +743,52 @@ class Config:
 # Settings that only say where files go or which interpreter runs: they change no result, so two
 # runs that differ only in them have the same digest (a recorded baseline stays current).
 LOCATION_KEYS = ("results_dir", "tables_dir", "vllm.python")
+# Sections whose results carry their own digest (the ablation tables record the config digest and
+# their group's), so that defining or extending an ablation leaves every other table current.
+OWN_DIGEST_KEYS = ("ablations",)
+
+
+# Settings added after results were recorded, each with the value at which the code computes, for
+# every recorded result (results/recorded), what it computed before the setting existed. At that value a setting is left out of the digest, so
+# adding it leaves recorded digests (and their baselines) current; any other value is hashed. The
+# value is pinned here, not read from the dataclass: changing a default later changes digests.
+# "methods.*" and "extra_targets[*]" stand for every entry.
+NEUTRAL_SETTINGS: dict[str, Any] = {
+    "respond.backend": "hf",
+    "respond.shard_prompts": None,
+    "respond.parts": 1,
+    "respond.max_turns": None,  # every recorded conversation has one turn
+    "respond.on_long_prompt": "fail",
+    "eval.turns": 1,
+    "hidden.backend": "hf",
+    "hidden.batch": 64,
+    "hidden.shard_mb": 2000.0,  # every recorded store's shards are smaller (at most 0.4 GiB)
+    "train.shard_window": 2,  # every recorded store has at most 2 shards: shuffled whole
+    "train.hidden_source": "offline",
+    "train.parallelism": "ddp",
+}
+
+
+def _digest_nodes(d: dict[str, Any], parents: list[str]) -> list[dict[str, Any]]:
+    """The dicts of ``d`` at the dotted path ``parents`` (``*`` entries expand to every child)."""
+    nodes = [d]
+    for part in parents:
+        nxt = []
+        for node in nodes:
+            name, star = (part[:-3], True) if part.endswith("[*]") else (part, False)
+            if name == "*":
+                nxt.extend(v for v in node.values() if isinstance(v, dict))
+            elif star:
+                nxt.extend(v for v in node.get(name) or [] if isinstance(v, dict))
+            elif isinstance(node.get(name), dict):
+                nxt.append(node[name])
+        nodes = nxt
+    return nodes
 
 
 def config_digest(cfg: Config) -> str:
-    """sha256 (16 hex digits) of the validated config, defaults filled in, without LOCATION_KEYS.
+    """sha256 (16 hex digits) of the validated config, defaults filled in, without LOCATION_KEYS
+    and without NEUTRAL_SETTINGS at their neutral values.
 
     Equal digests mean equal settings, whichever files and overlays spelt them; the tables record
     it, and ``peagle compare`` calls a recorded result stale when its digest differs from the
@@ -605,12 +798,15 @@ def config_digest(cfg: Config) -> str:
     import json
 
     d = cfg.to_dict()
-    for key in LOCATION_KEYS:
+    for key in LOCATION_KEYS + OWN_DIGEST_KEYS:
         *parents, leaf = key.split(".")
-        node = d
-        for part in parents:
-            node = node[part]
-        node.pop(leaf, None)
+        for node in _digest_nodes(d, parents):
+            node.pop(leaf, None)
+    for key, neutral in NEUTRAL_SETTINGS.items():
+        *parents, leaf = key.split(".")
+        for node in _digest_nodes(d, parents):
+            if leaf in node and node[leaf] == neutral:
+                del node[leaf]
     text = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -11,6 +11,16 @@ Shapes: B batch, L elements, H target hidden size, V vocabulary. Parameter names
 Layer 0 sees ``concat(input_layernorm(embed), hidden_norm(h))`` (width 2H) with the un-normed
 hidden half ``h`` as its residual (``norm_before_residual: false``); later layers are plain Llama
 layers. ``h`` is ``fc(g)`` for real rows and ``fc(mask_hidden)`` for mask (MTP) slots.
+
+Hidden input of a mask slot at depth d >= 1 of the chain anchored at a (``spec.hidden_variant``;
+the paper's Table 3 compares them and does not define the four alternatives: these definitions
+are inferred, all in the 3H feature space before ``fc``, ``g_a`` the anchor's target features):
+
+- ``shared``: ``mask_hidden`` (P-EAGLE's learnable ``h_shared``; the only one vLLM serves);
+- ``depth_encoding``: ``mask_hidden + depth_hidden[d-1]``, a learned vector per depth (init 0);
+- ``ntp_depth_encoding``: ``g_a + depth_hidden[d-1]``;
+- ``ntp``: ``g_a``, the anchor's own (NTP) hidden state;
+- ``regularized_ntp``: ``mask_hidden + ntp_alpha * g_a``, ``ntp_alpha`` a learnable scalar (init 0.1).
 """
 
 from __future__ import annotations
@@ -22,6 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from peagle.attention import ElementMeta, element_attention
+
+
+HIDDEN_VARIANTS = ("shared", "depth_encoding", "ntp_depth_encoding", "ntp", "regularized_ntp")
+DEPTH_VARIANTS = ("depth_encoding", "ntp_depth_encoding")
+ALPHA_INIT = 0.1
 
 
 @dataclass(frozen=True)
@@ -44,6 +59,18 @@ class DrafterSpec:
     # False = EAGLE-3 (autoregressive, no mask_hidden). Defaults to True so that checkpoints
     # written before the field existed load as the P-EAGLE drafters they are.
     parallel: bool = True
+    # The mask slots' hidden input (module docstring); ``max_depth``: the deepest mask slot a
+    # depth encoding covers (K_train - 1).
+    hidden_variant: str = "shared"
+    max_depth: int = 0
+
+    def __post_init__(self) -> None:
+        if self.hidden_variant not in HIDDEN_VARIANTS:
+            raise ValueError(f"hidden_variant {self.hidden_variant!r}: use one of {', '.join(HIDDEN_VARIANTS)}")
+        if self.hidden_variant != "shared" and not self.parallel:
+            raise ValueError(f"hidden_variant {self.hidden_variant!r} needs a parallel drafter (EAGLE-3 has no mask slots)")
+        if self.hidden_variant in DEPTH_VARIANTS and self.max_depth < 1:
+            raise ValueError(f"hidden_variant {self.hidden_variant!r} needs max_depth >= 1 (K_train - 1)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -192,6 +219,11 @@ class PEagleDrafter(nn.Module):
         # Not even registered for EAGLE-3, so its state_dict / export has no such tensor.
         self.mask_hidden = (nn.Parameter(torch.randn(1, 1, 3 * h) * spec.mask_hidden_init_std)
                             if spec.parallel else None)
+        # Table 3's alternatives (module docstring); absent for the shared design, so its
+        # state_dict is the exported checkpoint as before.
+        self.depth_hidden = (nn.Parameter(torch.zeros(spec.max_depth, 3 * h))
+                             if spec.hidden_variant in DEPTH_VARIANTS else None)
+        self.ntp_alpha = nn.Parameter(torch.tensor(ALPHA_INIT)) if spec.hidden_variant == "regularized_ntp" else None
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -201,10 +233,27 @@ class PEagleDrafter(nn.Module):
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=0.02)
 
+    def _mask_features(self, hidden: torch.Tensor | None, depths: torch.Tensor | None) -> torch.Tensor:
+        """The mask slots' 3H input before fc, [1, 1, 3H] (shared) or [B, L, 3H] (the others)."""
+        variant = self.spec.hidden_variant
+        if variant == "shared":
+            return self.mask_hidden
+        if hidden is None or hidden.shape[-1] != 3 * self.spec.hidden_size:
+            raise ValueError(f"hidden_variant {variant!r} needs the anchor's 3H target features at the mask slots")
+        g = hidden.to(self.mask_hidden.dtype)
+        if variant == "ntp":
+            return g
+        if variant == "regularized_ntp":
+            return self.mask_hidden + self.ntp_alpha * g
+        if depths is None:
+            raise ValueError(f"hidden_variant {variant!r} needs each element's depth (depths [B, L])")
+        enc = self.depth_hidden[(depths - 1).clamp(0, self.spec.max_depth - 1)]
+        return (self.mask_hidden if variant == "depth_encoding" else g) + enc
+
     def _input_hidden(self, hidden: torch.Tensor | None, is_mask: torch.Tensor | None, b: int,
-                      n: int) -> torch.Tensor:
-        """Layer 0's hidden half [B, L, H]: fc(3H features), H-wide inputs as they are, fc(mask_hidden)
-        on mask slots."""
+                      n: int, depths: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer 0's hidden half [B, L, H]: fc(3H features), H-wide inputs as they are, and on mask
+        slots fc of the variant's mask features (module docstring)."""
         width = self.spec.hidden_size
         if hidden is not None and hidden.shape[-1] not in (width, 3 * width):
             raise ValueError(f"hidden input has width {hidden.shape[-1]}; expected {3 * width} (target "
@@ -214,7 +263,10 @@ class PEagleDrafter(nn.Module):
                 raise ValueError("an EAGLE-3 drafter (spec.parallel False) has no mask slots")
             hidden = hidden.to(self.fc.weight.dtype)
             return hidden if hidden.shape[-1] == width else self.fc(hidden)
-        mask_h = self.fc(self.mask_hidden)  # [1, 1, H]
+        if depths is not None and self.depth_hidden is not None and int(depths.max()) > self.spec.max_depth:
+            raise ValueError(f"depth {int(depths.max())} is deeper than the {self.spec.max_depth} mask-slot depths "
+                             "this drafter's depth encoding was trained for")
+        mask_h = self.fc(self._mask_features(hidden, depths))  # [1, 1, H] or [B, L, H]
         if hidden is None:
             return mask_h.expand(b, n, -1)
         hidden = hidden.to(mask_h.dtype)
@@ -230,6 +282,7 @@ class PEagleDrafter(nn.Module):
         attn_mask=None,
         cache: KVCache | None = None,
         return_prenorm: bool = False,
+        depths: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Final normed hidden states [B, L, H] (and, with ``return_prenorm``, the last layer's
         residual-stream output before the final norm, [B, L, H]: EAGLE-3's next hidden input).
@@ -239,10 +292,11 @@ class PEagleDrafter(nn.Module):
         element is a mask slot. is_mask bool [B, L] or None (no mask slots); positions [B, L]
         (anchor + depth); attn_mask bool [B, L, L_keys], an ElementMeta of the L elements
         (mask-free), an ``attend`` object (see :class:`Attention`), or None for causal attention
-        over ``cache`` + these elements.
+        over ``cache`` + these elements. ``depths`` [B, L] (0 on real rows): needed by the depth
+        encodings only. The non-shared variants read ``hidden`` at the mask slots: the anchor's features.
         """
         b, n = input_ids.shape
-        h = self._input_hidden(hidden, is_mask, b, n)
+        h = self._input_hidden(hidden, is_mask, b, n, depths)
         embeds = self.embed_tokens(input_ids)
         if attn_mask is None:
             attn_mask = causal_mask_with_cache(n, 0 if cache is None else cache.length, b, input_ids.device)

@@ -97,6 +97,7 @@ def evaluate_drafter(
     from peagle.data.schema import read_prompts
     from peagle.spec_decode import DecodeStats, SpeculativeDecoder, TargetRunner, greedy_generate, make_proposer
     from peagle.target import load_target, render_prompt_ids
+    from peagle.target.chat import answer_text, history_prompt_ids
 
     drafter_dir, summary = training_outcome(Path(drafter_dir))
     seed = run_seed(summary, seed, drafter_dir)
@@ -119,16 +120,24 @@ def evaluate_drafter(
     runner = TargetRunner(model, info["aux_layer_ids"])
     engine = SpeculativeDecoder(runner, make_proposer(drafter), k=k, eos_id=info.get("eos_token_id"))
     total = DecodeStats(k)
+    per_turn = [DecodeStats(k) for _ in range(cfg.eval.turns)]
     lossless = []
     t0 = time.perf_counter()
     for i, rec in enumerate(tqdm(records, desc=f"evaluate K={k}", disable=not progress, file=sys.stderr)):
-        prompt = render_prompt_ids(tokenizer, rec.turns[0])
-        out, stats = engine.generate(prompt, cfg.eval.max_new_tokens)
-        total.merge(stats)
-        if i < cfg.eval.lossless_check_prompts:
-            ref = greedy_generate(runner, prompt, cfg.eval.max_new_tokens, info.get("eos_token_id"))
-            lossless.append({"id": rec.id, "equal": out == ref,
-                             "first_difference": next((j for j, (a, b) in enumerate(zip(out, ref)) if a != b), None)})
+        answers: list[str] = []
+        # Turn t is asked after the target's own earlier answers (the engine's output is the
+        # target's greedy output: it is lossless).
+        for t in range(min(cfg.eval.turns, len(rec.turns))):
+            prompt = (render_prompt_ids(tokenizer, rec.turns[0]) if t == 0
+                      else history_prompt_ids(tokenizer, list(rec.turns[:t + 1]), answers)[0])
+            out, stats = engine.generate(prompt, cfg.eval.max_new_tokens)
+            total.merge(stats)
+            per_turn[t].merge(stats)
+            answers.append(answer_text(tokenizer, out))
+            if i < cfg.eval.lossless_check_prompts:
+                ref = greedy_generate(runner, prompt, cfg.eval.max_new_tokens, info.get("eos_token_id"))
+                lossless.append({"id": rec.id, "turn": t + 1, "equal": out == ref,
+                                 "first_difference": next((j for j, (a, b) in enumerate(zip(out, ref)) if a != b), None)})
     wall = time.perf_counter() - t0
     if not all(c["equal"] for c in lossless):
         log(f"WARNING: speculative output differs from greedy decoding on {lossless}")
@@ -145,7 +154,10 @@ def evaluate_drafter(
         "eval_set": Path(prompts_path).stem.removeprefix("eval_"),
         "k": k,
         "prompts": len(records),
+        "turns": cfg.eval.turns,
         "acceptance_length": total.acceptance_length,
+        # Per asked turn (turn 2 only where a conversation has one); the pooled figure above.
+        "acceptance_length_per_turn": [s.acceptance_length if s.rounds else None for s in per_turn],
         "per_position_acceptance": total.per_position_acceptance(),
         "rounds": total.rounds,
         "new_tokens": total.new_tokens,

@@ -263,3 +263,50 @@ def plot_fig1(responses: str | Path, out_base: str | Path, label: str | None = N
     csv_path = out_base.with_suffix(".csv")
     atomic_write_text(csv_path, pd.DataFrame([row]).to_csv(index=False))
     return paths + [csv_path]
+
+
+# --------------------------------------------------------------------------- Figure B
+
+
+def plot_fig_alpha(run_dirs: list[str | Path], out_base: str | Path, paper_final: float | None = None) -> list[Path]:
+    """Figure B: the regularized design's learnable scale ``ntp_alpha`` over optimizer steps.
+
+    ``run_dirs``: training runs of ``drafter.hidden_variant: regularized_ntp`` (one per seed), read
+    from their ``metrics.jsonl``. Writes ``out_base``.png/.pdf and ``out_base``.csv (run, step,
+    ntp_alpha); ``paper_final``: the paper's end value, drawn as a dotted line. Returns the paths.
+    """
+    import json
+
+    import pandas as pd
+
+    from peagle.drafters import ALPHA_INIT
+    from peagle.io import atomic_write_text
+
+    out_base = Path(out_base)
+    rows = []
+    for d in run_dirs:
+        path = Path(d) / "metrics.jsonl"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found; re-run the train rule for this run")
+        metrics = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not metrics or "ntp_alpha" not in metrics[0]:
+            raise ValueError(f"{path}: no ntp_alpha in the metrics; Figure B needs a drafter.hidden_variant: "
+                             "regularized_ntp run")
+        rows += [{"run": Path(d).name, "step": 0, "ntp_alpha": ALPHA_INIT}]
+        rows += [{"run": Path(d).name, "step": m["step"], "ntp_alpha": m["ntp_alpha"]} for m in metrics]
+    df = pd.DataFrame(rows)
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for run, part in df.groupby("run", sort=False):
+        ax.plot(part["step"], part["ntp_alpha"], lw=1.6, label=f"{run}: {part['ntp_alpha'].iloc[-1]:.3f} at the end")
+    if paper_final is not None:
+        ax.axhline(paper_final, color="0.4", ls=":", lw=1.2, label=f"paper: {ALPHA_INIT} -> {paper_final} (GPT-OSS-20B)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(r"$\alpha$ (h_shared + $\alpha$ h_NTP)")
+    ax.set_title("Figure B: the regularized NTP hidden state's learnable scale")
+    ax.legend(frameon=False, fontsize=7)
+    fig.tight_layout()
+    paths = _save(fig, out_base)
+    csv_path = out_base.with_suffix(".csv")
+    atomic_write_text(csv_path, df.to_csv(index=False))
+    return paths + [csv_path]

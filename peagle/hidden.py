@@ -8,10 +8,13 @@ sequences (N tokens in all; ARCHITECTURE.md "Hidden states"):
 - ``aux_hidden``  [N, 3H]       (``hidden_states[i]`` = input to layer i, for i in aux ids, ascending)
 - ``last_hidden`` [N, H]        (``hidden_states[-1]``: in transformers 5 already final-normed,
                                  so target logits = ``lm_head(last_hidden)``; checked at run time)
-- ``loss_mask``   [N] uint8     (1 on response tokens)
+- ``loss_mask``   [N] uint8     (1 on the target's tokens: the response and, in a conversation of
+                                 several turns, its earlier answers, ``answer_spans``)
 
-``manifest.json`` lists the shards with their sha256; ``HiddenStateDataset`` refuses a shard whose
-bytes do not match.
+``manifest.json`` lists the shards with their sha256, bytes, tokens and per-sequence lengths, and
+the store's totals. A shard is at most ``shard_mb`` MiB (one longer sequence gets a shard of its
+own) and at most about ``shard_tokens`` tokens. ``HiddenStateDataset`` checks a shard's sha256
+when it first reads it and refuses a shard whose bytes do not match.
 """
 
 from __future__ import annotations
@@ -39,6 +42,12 @@ def _dtype_name(dt: "torch.dtype") -> str:
     return str(dt).replace("torch.", "")
 
 
+def _first_supervised(mask: "torch.Tensor") -> int | None:
+    """The first position t >= 1 whose loss mask is set (row t-1 of the shifted pairing), or None."""
+    hits = mask[1:].nonzero()
+    return int(hits[0, 0]) + 1 if hits.numel() else None
+
+
 def _write_shard(out_dir: Path, index: int, buf: dict[str, list], ids: list[str],
                  meta: dict[str, str]) -> dict[str, Any]:
     """Concatenate the buffered sequences into one safetensors file (atomic); return its entry."""
@@ -61,22 +70,111 @@ def _write_shard(out_dir: Path, index: int, buf: dict[str, list], ids: list[str]
         digest = sha256_file(tmp)
     return {"file": name, "num_sequences": len(lengths), "num_tokens": int(offsets[-1]),
             "num_response_tokens": int(tensors["loss_mask"].sum()), "sha256": digest,
-            "ids": ids, "lengths": lengths}
+            "num_bytes": (out_dir / name).stat().st_size, "ids": ids, "lengths": lengths,
+            "first_supervised": [_first_supervised(m) for m in buf["loss_mask"]]}
+
+
+def bytes_per_token(hidden_size: int, dtype: "torch.dtype") -> int:
+    """Stored bytes per token: aux [3H] + last [H] hidden states, the int64 id and the uint8 mask."""
+    import torch
+
+    return 4 * hidden_size * torch.empty((), dtype=dtype).element_size() + 8 + 1
+
+
+def sequence_of(row: dict[str, Any], max_seq_len: int | None, vocab: int,
+                where: str | Path) -> tuple[list[int], list[int], bool]:
+    """A response row's training sequence: ``(prompt + response ids, loss mask, whether cut)``.
+
+    The mask is 1 on the target's tokens (the response and ``answer_spans``); a sequence longer
+    than ``max_seq_len`` is cut to it. Errors name ``where`` (the responses file) and the row.
+    """
+    p, r = list(row["prompt_ids"]), list(row["response_ids"])
+    x = p + r
+    mask = [0] * len(p) + [1] * len(r)
+    for a, b in row.get("answer_spans", []):  # the target's earlier answers in the history
+        mask[a:b] = [1] * (b - a)
+    cut = max_seq_len is not None and len(x) > max_seq_len
+    if cut:
+        x, mask = x[:max_seq_len], mask[:max_seq_len]
+    if not x:
+        raise ValueError(f"{where}: sequence {row['id']!r} is empty")
+    if min(x) < 0 or max(x) >= vocab:
+        raise ValueError(f"{where}: sequence {row['id']!r} has token ids outside the target's vocabulary "
+                         f"[0, {vocab}); responses from another target? Re-run the `respond` stage with this target")
+    return x, mask, cut
+
+
+def target_hidden_states(model, ids: "torch.Tensor", aux: Sequence[int], num_layers: int,
+                         check: bool = False) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """One target forward of ``ids`` [1, T] -> (``aux_hidden`` [T, 3H], ``last_hidden`` [T, H]).
+
+    ``aux_hidden``: ``hidden_states[i]`` concatenated for the ascending ``aux``; ``last_hidden``:
+    ``hidden_states[-1]``. ``check``: also verify that ``lm_head(hidden_states[-1])`` is the
+    model's logits (DESIGN §1: in transformers 5 the last entry is already final-normed).
+    """
+    import torch
+
+    # logits_to_keep=1: we never need full-vocabulary logits, only the last one for the check.
+    out = model(input_ids=ids, output_hidden_states=True, use_cache=False, logits_to_keep=1)
+    hs = out.hidden_states
+    if len(hs) != num_layers + 1:
+        raise RuntimeError(f"model returned {len(hs)} hidden states, expected L+1={num_layers + 1}; the "
+                           "output_hidden_states convention changed")
+    if check:
+        mine = model.get_output_embeddings()(hs[-1][:, -1:]).float()
+        ref = out.logits[:, -1:].float()
+        if not torch.allclose(mine, ref, rtol=1e-3, atol=1e-3 * max(1.0, float(ref.abs().max()))):
+            raise RuntimeError("lm_head(hidden_states[-1]) != model logits: this transformers version (or model) "
+                               "does not return the final-normed state last; last_hidden would be wrong. "
+                               "See DESIGN §1.")
+    return torch.cat([hs[i][0] for i in aux], dim=-1), hs[-1][0]
+
+
+class HFStates:
+    """Hidden states by HF forwards, one sequence at a time (batch 1: no padding effects)."""
+
+    backend, batch = "hf", 1
+
+    def __init__(self, model, aux_layer_ids: Sequence[int], check_logits: bool = True):
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.model, self.num_layers, self.hidden_size = model, int(cfg.num_hidden_layers), int(cfg.hidden_size)
+        self.aux = validate_aux_layer_ids(aux_layer_ids, self.num_layers, "aux_layer_ids")
+        self.vocab = int(model.get_input_embeddings().weight.shape[0])
+        self._check = check_logits
+
+    def __call__(self, seqs: Sequence[Sequence[int]]) -> list[tuple["torch.Tensor", "torch.Tensor"]]:
+        """``[(aux_hidden [T, 3H], last_hidden [T, H])]`` per sequence, on the model's device."""
+        import torch
+
+        device = next(self.model.parameters()).device
+        out = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for x in seqs:
+                    out.append(target_hidden_states(self.model, torch.tensor([list(x)], device=device), self.aux,
+                                                    self.num_layers, check=self._check))
+                    self._check = False
+        finally:
+            self.model.train(was_training)
+        return out
 
 
 def extract_hidden_states(model, responses_path: str | Path, aux_layer_ids: Sequence[int],
-                          out_dir: str | Path, shard_tokens: int, dtype: "str | torch.dtype",
-                          target_name: str, max_seq_len: int | None = None, *,
+                          out_dir: str | Path, shard_tokens: int | None, dtype: "str | torch.dtype",
+                          target_name: str, max_seq_len: int | None = None, *, shard_mb: float | None = None,
                           check_logits: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Run the target once per (prompt + response) sequence and stream hidden states to shards.
+    """Run the target over every (prompt + response) sequence and stream hidden states to shards.
 
-    One forward per sequence (batch 1: no padding effects) with ``output_hidden_states=True``;
-    ``aux_hidden`` = concat of ``hidden_states[i]`` for the ascending ``aux_layer_ids``,
-    ``last_hidden`` = ``hidden_states[-1]``; both cast to ``dtype``. A shard is flushed once it
-    holds >= ``shard_tokens`` tokens (a sequence never spans shards), so memory stays bounded by
-    about one shard. Sequences longer than ``max_seq_len`` are cut to it. ``manifest.json`` is
-    written last; shards of an earlier run that the new manifest does not list are removed.
-    Returns the manifest.
+    ``model``: an HF model (one forward per sequence, :class:`HFStates`) or a states backend with
+    the same call (:class:`peagle.vllm_hidden.VllmStates`, batches through vLLM). ``aux_hidden`` =
+    concat of ``hidden_states[i]`` for the ascending ``aux_layer_ids``, ``last_hidden`` =
+    ``hidden_states[-1]`` (final-normed); both cast to ``dtype``. A sequence never spans shards:
+    a shard is flushed once it holds >= ``shard_tokens`` tokens, and before a sequence that would
+    take it past ``shard_mb`` MiB, so memory stays bounded by about one shard. Sequences longer
+    than ``max_seq_len`` are cut to it. ``manifest.json`` is written last; shards of an earlier run
+    that the new manifest does not list are removed. Returns the manifest.
     """
     import torch
     from tqdm.auto import tqdm
@@ -85,89 +183,69 @@ def extract_hidden_states(model, responses_path: str | Path, aux_layer_ids: Sequ
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if shard_tokens < 1:
-        raise ValueError(f"extract_hidden_states: shard_tokens={shard_tokens} must be >= 1")
+    if shard_tokens is not None and shard_tokens < 1:
+        raise ValueError(f"hidden.shard_tokens={shard_tokens} must be >= 1 (or null: shard_mb alone)")
+    if shard_mb is not None and shard_mb <= 0:
+        raise ValueError(f"hidden.shard_mb={shard_mb} must be > 0 (or null: shard_tokens alone)")
+    states = model if hasattr(model, "batch") else HFStates(model, aux_layer_ids, check_logits)
     store_dtype = _parse_dtype(dtype)
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    num_layers = int(cfg.num_hidden_layers)
-    hidden_size = int(cfg.hidden_size)
-    aux = validate_aux_layer_ids(aux_layer_ids, num_layers, "aux_layer_ids")
+    num_layers, hidden_size, aux = states.num_layers, states.hidden_size, states.aux
+    if list(aux) != sorted(int(i) for i in aux_layer_ids):
+        raise ValueError(f"aux_layer_ids {list(aux_layer_ids)} differ from the states backend's {list(aux)}")
     rows = read_responses(responses_path)
     if not rows:
         raise ValueError(f"{responses_path}: no responses; re-run the `respond` stage")
-    device = next(model.parameters()).device
-    vocab = int(model.get_input_embeddings().weight.shape[0])
     meta = {"format": HIDDEN_FORMAT, "aux_layer_ids": json.dumps(aux),
             "hidden_size": str(hidden_size), "dtype": _dtype_name(store_dtype)}
+    per_token = bytes_per_token(hidden_size, store_dtype)
+    max_tokens = shard_tokens or (1 << 62)
+    max_bytes = (1 << 62) if shard_mb is None else int(shard_mb * 2**20)
 
     shards: list[dict[str, Any]] = []
     buf: dict[str, list] = {k: [] for k in ("input_ids", "aux_hidden", "last_hidden", "loss_mask")}
     buf_ids: list[str] = []
-    buf_tokens = 0
-    truncated = 0
-    total_tokens = 0
-    checked = not check_logits
-    was_training = model.training
-    model.eval()
+    buf_tokens = truncated = total_tokens = 0
+
+    def flush() -> None:
+        nonlocal buf, buf_ids, buf_tokens
+        shards.append(_write_shard(out_dir, len(shards), buf, buf_ids, meta))
+        buf = {k: [] for k in buf}
+        buf_ids, buf_tokens = [], 0
+
     t0 = time.perf_counter()
-    bar = tqdm(rows, desc="extract hidden states", file=sys.stderr, disable=not progress,
+    bar = tqdm(total=len(rows), desc="extract hidden states", file=sys.stderr, disable=not progress,
                dynamic_ncols=True)
-    with torch.no_grad():
-        for row in bar:
-            p, r = list(row["prompt_ids"]), list(row["response_ids"])
-            x = p + r
-            mask = [0] * len(p) + [1] * len(r)
-            if max_seq_len is not None and len(x) > max_seq_len:
-                x, mask = x[:max_seq_len], mask[:max_seq_len]
-                truncated += 1
-            if not x:
-                raise ValueError(f"{responses_path}: sequence {row['id']!r} is empty")
-            if min(x) < 0 or max(x) >= vocab:
-                raise ValueError(f"{responses_path}: sequence {row['id']!r} has token ids outside the "
-                                 f"target's vocabulary [0, {vocab}); responses from another target? "
-                                 f"Re-run the `respond` stage with this target")
-            ids = torch.tensor([x], dtype=torch.long, device=device)
-            # logits_to_keep=1: we never need full-vocabulary logits, only the last one for a check.
-            out = model(input_ids=ids, output_hidden_states=True, use_cache=False, logits_to_keep=1)
-            hs = out.hidden_states
-            if len(hs) != num_layers + 1:
-                raise RuntimeError(f"model returned {len(hs)} hidden states, expected L+1="
-                                   f"{num_layers + 1}; the output_hidden_states convention changed")
-            if not checked:
-                # DESIGN §1 trap: hidden_states[-1] must already be final-normed (transformers 5).
-                head = model.get_output_embeddings()
-                mine = head(hs[-1][:, -1:]).float()
-                ref = out.logits[:, -1:].float()
-                if not torch.allclose(mine, ref, rtol=1e-3, atol=1e-3 * max(1.0, float(ref.abs().max()))):
-                    raise RuntimeError("lm_head(hidden_states[-1]) != model logits: this transformers "
-                                       "version (or model) does not return the final-normed state "
-                                       "last; last_hidden would be wrong. See DESIGN §1.")
-                checked = True
-            buf["input_ids"].append(ids[0].cpu())
-            buf["aux_hidden"].append(torch.cat([hs[i][0] for i in aux], dim=-1).to("cpu", store_dtype))
-            buf["last_hidden"].append(hs[-1][0].to("cpu", store_dtype))
+    for c in range(0, len(rows), states.batch):
+        chunk = rows[c:c + states.batch]
+        seqs = [sequence_of(row, max_seq_len, states.vocab, responses_path) for row in chunk]
+        for row, (x, mask, cut), (aux_h, last_h) in zip(chunk, seqs, states([x for x, _, _ in seqs])):
+            truncated += cut
+            if buf_ids and (buf_tokens + len(x)) * per_token > max_bytes:  # this sequence would pass shard_mb
+                flush()
+            buf["input_ids"].append(torch.tensor(x, dtype=torch.long))
+            buf["aux_hidden"].append(aux_h.to("cpu", store_dtype))
+            buf["last_hidden"].append(last_h.to("cpu", store_dtype))
             buf["loss_mask"].append(torch.tensor(mask, dtype=torch.uint8))
             buf_ids.append(str(row["id"]))
             buf_tokens += len(x)
             total_tokens += len(x)
-            if buf_tokens >= shard_tokens:
-                shards.append(_write_shard(out_dir, len(shards), buf, buf_ids, meta))
-                buf = {k: [] for k in buf}
-                buf_ids, buf_tokens = [], 0
-            bar.set_postfix(tok_s=f"{total_tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
+            if buf_tokens >= max_tokens:
+                flush()
+        bar.update(len(chunk))
+        bar.set_postfix(tok_s=f"{total_tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
     bar.close()
-    model.train(was_training)
     if buf_ids:
-        shards.append(_write_shard(out_dir, len(shards), buf, buf_ids, meta))
+        flush()
     wall = time.perf_counter() - t0
     manifest = {
-        "format": HIDDEN_FORMAT, "target": str(target_name), "aux_layer_ids": aux,
+        "format": HIDDEN_FORMAT, "target": str(target_name), "backend": states.backend, "aux_layer_ids": aux,
         "num_layers": num_layers, "hidden_size": hidden_size, "dtype": _dtype_name(store_dtype),
         "responses": str(responses_path), "responses_sha256": sha256_file(responses_path),
         "max_seq_len": max_seq_len, "num_truncated": truncated,
         "num_sequences": sum(s["num_sequences"] for s in shards),
         "num_tokens": sum(s["num_tokens"] for s in shards),
         "num_response_tokens": sum(s["num_response_tokens"] for s in shards),
+        "num_bytes": sum(s["num_bytes"] for s in shards), "shard_tokens": shard_tokens, "shard_mb": shard_mb,
         "wall_s": wall, "tokens_per_s": total_tokens / max(wall, 1e-9),
         "shards": shards,
     }
@@ -215,10 +293,28 @@ class HiddenStateDataset:
             self._starts.append(self._starts[-1] + int(s["num_sequences"]))
         self._cache: dict[int, dict[str, Any]] = {}
         self._verified: set[int] = set()
+        self.shard_reads: dict[int, int] = {}  # shard -> times its file was read (each costs I/O)
         if verify == "eager":
             self.verify_all()
 
     # -- metadata
+    @property
+    def rebuild_command(self) -> str:
+        """The Snakemake command that rebuilds this store (the `extract` rule's output)."""
+        return f"snakemake --cores all --forcerun extract {self.dir / 'manifest.json'}"
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._shards)
+
+    @property
+    def first_supervised(self) -> list[int | None] | None:
+        """Per sequence, its first supervised position t >= 1 (None: none), from the manifest; None
+        for a store written before the manifest recorded it."""
+        if not all("first_supervised" in s for s in self._shards):
+            return None
+        return [f for s in self._shards for f in s["first_supervised"]]
+
     @property
     def hidden_size(self) -> int:
         return int(self.manifest["hidden_size"])
@@ -257,14 +353,15 @@ class HiddenStateDataset:
         path = self.dir / entry["file"]
         if not path.exists():
             raise FileNotFoundError(f"hidden-state shard {path} listed in the manifest is missing; "
-                                    f"re-run the `extract` stage")
+                                    f"rebuild the store: {self.rebuild_command}")
         data = path.read_bytes()
+        self.shard_reads[k] = self.shard_reads.get(k, 0) + 1
         if (self.verify != "none" or force_verify) and (k not in self._verified or force_verify):
             got = hashlib.sha256(data).hexdigest()
             if got != entry["sha256"]:
                 raise ValueError(f"hidden-state shard {path}: sha256 {got[:16]}... does not match the "
-                                 f"manifest's {entry['sha256'][:16]}...; the file is corrupted or "
-                                 f"stale: re-run hidden-state extraction (`extract` stage)")
+                                 f"manifest's {entry['sha256'][:16]}...; the file is corrupted or stale. "
+                                 f"Rebuild the store: {self.rebuild_command}")
             self._verified.add(k)
         return data
 
@@ -284,15 +381,16 @@ class HiddenStateDataset:
         try:
             tensors = st_load(data)
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            raise ValueError(f"hidden-state shard {path} cannot be parsed ({e}); re-run the "
-                             f"`extract` stage") from e
+            raise ValueError(f"hidden-state shard {path} cannot be parsed ({e}); rebuild the store: "
+                             f"{self.rebuild_command}") from e
         missing = [t for t in TENSOR_KEYS if t not in tensors]
         if missing:
-            raise ValueError(f"hidden-state shard {path} lacks tensors {missing}; re-run `extract`")
+            raise ValueError(f"hidden-state shard {path} lacks tensors {missing}; rebuild the store: "
+                             f"{self.rebuild_command}")
         n = int(self._shards[k]["num_sequences"])
         if tensors["offsets"].numel() != n + 1 or tensors["aux_hidden"].shape[-1] != 3 * self.hidden_size:
             raise ValueError(f"hidden-state shard {path} disagrees with manifest.json (sequences or "
-                             f"width); re-run the `extract` stage")
+                             f"width); rebuild the store: {self.rebuild_command}")
         shard = {"tensors": tensors, "offsets": tensors["offsets"].tolist()}
         self._cache[k] = shard
         while len(self._cache) > self.cache_shards:
@@ -321,6 +419,57 @@ class HiddenStateDataset:
         """The response record id of sequence ``i`` (from the manifest)."""
         k, j = self._locate(int(i))
         return str(self._shards[k]["ids"][j])
+
+
+class OnlineHiddenStates:
+    """Online mode: the store's per-sequence view (``ds[i]``, ``lengths``, ``first_supervised``, ...)
+    over a responses file, each sequence's hidden states computed by a target forward when asked
+    for, exactly as extraction computes them (:func:`target_hidden_states`). No store on disk;
+    every read costs one target forward.
+
+    ``model``: the frozen target (HF), on the device the trainer uses; ``dtype``: the precision the
+    store would have held (the states are rounded to it, so that online equals offline).
+    """
+
+    def __init__(self, model, responses_path: str | Path, aux_layer_ids: Sequence[int], dtype: "str | torch.dtype",
+                 max_seq_len: int | None = None):
+        from peagle.generate import read_responses
+
+        self._states = HFStates(model, aux_layer_ids)
+        self.aux_layer_ids, self.hidden_size = self._states.aux, self._states.hidden_size
+        self.store_dtype = _parse_dtype(dtype)
+        self._rows = read_responses(responses_path)
+        if not self._rows:
+            raise ValueError(f"{responses_path}: no responses; re-run the `respond` stage")
+        self._seqs = [sequence_of(r, max_seq_len, self._states.vocab, responses_path)[:2] for r in self._rows]
+        self.num_shards = 1
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(x) for x, _ in self._seqs]
+
+    @property
+    def ids(self) -> list[str]:
+        return [str(r["id"]) for r in self._rows]
+
+    @property
+    def first_supervised(self) -> list[int | None]:
+        return [next((t for t in range(1, len(m)) if m[t]), None) for _, m in self._seqs]
+
+    def shard_of(self, i: int) -> int:
+        return 0
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        import torch
+
+        x, mask = self._seqs[i]
+        ((aux_h, last_h),) = self._states([x])
+        # Rounded to the store's dtype and back on the CPU, as a stored shard is read.
+        return {"input_ids": torch.tensor(x, dtype=torch.long), "aux_hidden": aux_h.to("cpu", self.store_dtype),
+                "last_hidden": last_h.to("cpu", self.store_dtype), "loss_mask": torch.tensor(mask, dtype=torch.uint8)}
 
 
 def shifted_rows(seq: dict[str, Any]) -> dict[str, "torch.Tensor"]:

@@ -74,7 +74,7 @@ def example_loss(drafter: PEagleDrafter, target_head: torch.Tensor, ex: Example,
     dev = target_head.device
     hidden = drafter.forward_hidden(
         ex.input_ids[None].to(dev), ex.hidden[None].to(dev), ex.is_mask[None].to(dev),
-        ex.positions[None].to(dev), mask[None].to(dev),
+        ex.positions[None].to(dev), mask[None].to(dev), depths=ex.layout.depth[None].to(dev),
     )[0]
     sel = ex.gate.nonzero().squeeze(-1).to(dev)
     loss, hit = head_loss(hidden[sel], drafter.lm_head.weight, ex.target_hidden.to(dev)[sel], target_head,

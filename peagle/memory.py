@@ -17,6 +17,10 @@ so the memory behind a cell is *counted*, not read off the process:
   (kernel workspaces, cuBLAS/flash buffers) and its cap is what really fails on a GPU, so it, not
   a count that could pass a run the device cannot hold, decides there.
 
+Sharded training (FSDP): the accountant counts a DTensor by its local shard (ops inside DTensor
+ops are not seen), and FSDP's gathered weights -- storages it resizes in place -- as bytes the
+trainer declares with :meth:`MemoryMeter.hold`.
+
 Every metered run records ``peak_mem_mb``, ``budget_mb``, ``memory_measure`` and
 ``budget_margin`` = peak / budget - 1 (:func:`budget_record`); Table 1 flags cells within 10%.
 
@@ -143,10 +147,16 @@ def is_oom(err: BaseException) -> bool:
     )
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """What this process holds of ``t``: a DTensor's local shard (FSDP), any other tensor itself."""
+    return getattr(t, "_local_tensor", t)
+
+
 def model_bytes(params: Iterable[torch.nn.Parameter], moments: int = 2) -> tuple[int, int]:
     """(weights, training state) bytes: state = weights + (1 gradient + ``moments``) per trainable.
 
-    ``moments``: optimizer tensors per trainable parameter (AdamW: 2).
+    ``moments``: optimizer tensors per trainable parameter (AdamW: 2). A sharded (DTensor)
+    parameter counts its local shard.
     """
     weights = state = 0
     seen: set[int] = set()
@@ -154,17 +164,18 @@ def model_bytes(params: Iterable[torch.nn.Parameter], moments: int = 2) -> tuple
         if id(p) in seen:  # tied weights count once
             continue
         seen.add(id(p))
-        b = p.numel() * p.element_size()
+        b = _local(p).numel() * p.element_size()
         weights += b
         state += b * ((1 + moments) if p.requires_grad else 0)
     return weights, weights + state
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (views and repeats count once)."""
+    """Bytes of the distinct storages behind ``tensors`` (views and repeats count once; a DTensor
+    its local shard)."""
     seen: dict[int, int] = {}
     for t in tensors:
-        st = t.untyped_storage()
+        st = _local(t).untyped_storage()
         seen[st._cdata] = st.nbytes()
     return sum(seen.values())
 
@@ -196,9 +207,10 @@ def _op_kind(func: Any) -> int:
 
 
 def _tensors(out: Any) -> Iterator[torch.Tensor]:
-    """The tensors of an op's output: a tensor, or a (nested) tuple/list of them."""
+    """The tensors of an op's output: a tensor, or a (nested) tuple/list of them. A DTensor is its
+    local shard: its wrapper's storage has the global size, and the ops inside it are not seen."""
     if isinstance(out, torch.Tensor):
-        yield out
+        yield out if type(out) is torch.Tensor else _local(out)
     elif isinstance(out, (tuple, list)):
         for o in out:
             yield from _tensors(o)
@@ -234,6 +246,7 @@ class LiveTensorAccountant(TorchDispatchMode):
         self.counted_bytes = 0
         self.peak_bytes = self.resident_bytes
         self.exceeded: BudgetExceeded | None = None  # the first overflow, kept for the OOM record
+        self.enforcing = True  # False: count, never raise (MemoryMeter.deferred)
         self._live: dict[int, _StorageRef] = {}  # storage _cdata -> its weak reference
         self._freed = self._on_free  # one bound method for every reference, not one per storage
 
@@ -267,7 +280,7 @@ class LiveTensorAccountant(TorchDispatchMode):
             live = self.resident_bytes + self.counted_bytes
             if live > self.peak_bytes:
                 self.peak_bytes = live
-            if self.budget_bytes is not None and live > self.budget_bytes:
+            if self.budget_bytes is not None and live > self.budget_bytes and self.enforcing:
                 self._over(func, live)
         return out
 
@@ -376,6 +389,30 @@ class MemoryMeter:
             return
         with _disable_current_modes():
             yield
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Count the block's tensors but raise no :class:`BudgetExceeded` inside it: collectives every
+        process must finish (FSDP's gradient reduction). Past the budget, the next op that allocates
+        raises. On CUDA the allocator's cap cannot wait: an allocation past it fails there."""
+        acct = self.accountant
+        if acct is None or self.stopped:
+            yield
+            return
+        acct.enforcing = False
+        try:
+            yield
+        finally:
+            acct.enforcing = True
+
+    def hold(self, nbytes: int) -> None:
+        """Count ``nbytes`` more (negative: fewer) that exist outside the accountant's view: FSDP's
+        gathered parameters, whose storages it resizes in place. The allocator sees them (CUDA): no-op."""
+        acct = self.accountant
+        if acct is None or self.stopped:
+            return
+        acct.resident_bytes += nbytes
+        acct.peak_bytes = max(acct.peak_bytes, acct.live_bytes)
 
     def record(self, peak_bytes: int | None) -> dict[str, Any]:
         return budget_record(peak_bytes, self.budget_mb, self.measure)

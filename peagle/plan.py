@@ -126,7 +126,7 @@ def _rate(rates: dict[str, Any], key: str, target: str, gpus: int, where: str) -
 
 
 def plan_profile(cfg: Config, rates: dict[str, Any], *, where: str = "config/rates.yaml") -> list[StagePlan]:
-    """Every stage of the profile's default DAG (Tables 1 and 9, their evaluations), per target."""
+    """Every stage of the profile's DAG (Tables 1 and 9, their evaluations, the ablations' training), per target."""
     lengths = rates.get("lengths", {})
     r = rates.get("rates", {})
     if "prompt_tokens" not in lengths or "response_tokens" not in lengths:
@@ -142,21 +142,35 @@ def plan_profile(cfg: Config, rates: dict[str, Any], *, where: str = "config/rat
         # Sequences are prompt + response; a training context cuts the response (prompts are short).
         return prompt_mean + response.capped_mean(min(max(ctx - prompt_mean, 0.0), cfg.respond.max_new_tokens))
 
+    from peagle.ablations import plan_ablations, run_config, unique_runs
+    from peagle.config import config_from_dict
+
+    try:
+        ablation_runs = unique_runs(plan_ablations(cfg, config_from_dict))
+    except ValueError:  # ablations this config cannot run (the DAG refuses them with the reason)
+        ablation_runs = []
     plans: list[StagePlan] = []
     table9_targets = cfg.table9.targets or [t.name for t in cfg.targets]
     for tc in cfg.targets:
         devices = tc.num_devices if gpu else 1
         def stage(name: str, jobs: int, tokens: float, key: str, gpus: int, disk: float = 0.0,
                   note: str = "") -> None:
+            if not jobs:  # nothing of this stage for this target
+                return
             rate, desc = _rate(r, key, tc.name, gpus, where)
             hours = tokens / rate / 3600
             plans.append(StagePlan(name, tc.name, jobs, tokens, hours, hours * gpus if gpu else None, disk,
                                    desc + note))
 
-        stage("respond", 1, n_seq * resp_mean, "respond_tokens_per_s", devices)
-        tokens = n_seq * (prompt_mean + resp_mean)
-        bpt = hidden_bytes_per_token(tc.hidden_size, len(tc.aux_layer_ids), cfg.hidden.dtype)
-        stage("extract", 1, tokens, "extract_tokens_per_s", devices, tokens * bpt, f"; {bpt:,} bytes/token stored")
+        # respond.parts jobs side by side, each on its own devices.
+        parts = cfg.respond.parts
+        stage("respond", parts, n_seq * resp_mean, "respond_tokens_per_s", devices * parts if gpu else 1,
+              note=f"; {parts} parts in parallel" if parts > 1 else "")
+        online = cfg.train.hidden_source == "online"
+        if not online:
+            tokens = n_seq * (prompt_mean + resp_mean)
+            bpt = hidden_bytes_per_token(tc.hidden_size, len(tc.aux_layer_ids), cfg.hidden.dtype)
+            stage("extract", 1, tokens, "extract_tokens_per_s", devices, tokens * bpt, f"; {bpt:,} bytes/token stored")
         # The DAG's training cells and evaluations, each once (Table 9's P-EAGLE cell at its
         # context may be one of Table 1's).
         table1 = tc.name == (cfg.table1.target or cfg.target.name)
@@ -169,6 +183,17 @@ def plan_profile(cfg: Config, rates: dict[str, Any], *, where: str = "config/rat
         tokens = sum(n_seq * seq_mean(c) for _, c in cells) * cfg.train.epochs * seeds
         stage("train", len(cells) * seeds, tokens, "train_tokens_per_s", 1,
               note=f"; {len(cells)} cells x {seeds} seeds x {cfg.train.epochs} epochs")
+        # The ablation runs (Tables 3-8) that are not main-DAG cells, each at its own context and epochs.
+        runs = [(run, run_config(cfg, run, config_from_dict)) for run in ablation_runs
+                if run.target == tc.name and not (run.profile_settings and (run.method, run.ctx) in cells)]
+        if runs:
+            ab_tokens = sum(n_seq * seq_mean(run.ctx) * rc.train.epochs * seeds for run, rc in runs)
+            stage("train: ablations", len(runs) * seeds, ab_tokens, "train_tokens_per_s", 1,
+                  note=f"; {len(runs)} runs x {seeds} seeds, Tables 3-8")
+            tokens += ab_tokens
+        if online:  # no store: every sequence a training run reads costs a target forward
+            stage("train: online target forwards", len(cells) * seeds, tokens, "extract_tokens_per_s", devices,
+                  note="; train.hidden_source online, at the extraction rate")
         prompts = sum(_eval_prompts(cfg, s) for _, _, s in evals) * seeds
         stage("evaluate", len(evals) * seeds, prompts * cfg.eval.max_new_tokens, "eval_tokens_per_s", devices,
               note=f"; {len(evals) * seeds} evaluations, {prompts:,} prompts x {cfg.eval.max_new_tokens} tokens")
@@ -204,7 +229,9 @@ def format_plan(cfg: Config, plans: list[StagePlan], rates: dict[str, Any], gpus
     if gpu:
         total = sum(p.gpu_hours or 0.0 for p in plans)
         lines.append(f"**Total**: {total:,.0f} GPU-hours ({total / gpus / 24:,.1f} days on {gpus} GPUs if every "
-                     f"stage kept them all busy); hidden-state store {disk} in offline mode.")
+                     f"stage kept them all busy); "
+                     + ("no hidden-state store (online mode)." if cfg.train.hidden_source == "online" else
+                        f"hidden-state store {disk} in offline mode (train.hidden_source online: none)."))
     else:
         total = sum(p.hours for p in plans)
         lines.append(f"**Total**: about {total * 60:,.0f} min on this machine, one job at a time; hidden-state "

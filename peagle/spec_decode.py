@@ -119,10 +119,14 @@ class PEagleProposer(_CachedProposer):
         n_new = rows - start
         positions = torch.arange(start, rows + k - 1, device=self.device)
         is_mask = torch.arange(n_new + k - 1, device=self.device) >= n_new
-        hidden = torch.zeros(n_new + k - 1, aux.shape[1], device=self.device, dtype=self.dtype)
-        hidden[:n_new] = aux[start:rows].to(self.device, self.dtype)
+        # Mask slots carry the anchor's (the newest row's) features, which only the non-shared
+        # hidden variants read; depth d of the chain is d.
+        hidden = aux[start:rows].to(self.device, self.dtype)
+        hidden = torch.cat([hidden, hidden[-1:].expand(k - 1, -1)])
+        depths = torch.cat([torch.zeros(n_new, dtype=torch.long), torch.arange(1, k)]).to(self.device)
         logits = self.drafter(
-            torch.tensor([ids], device=self.device), hidden[None], is_mask[None], positions[None], cache=self.cache
+            torch.tensor([ids], device=self.device), hidden[None], is_mask[None], positions[None], cache=self.cache,
+            depths=depths[None],
         )[0]
         # Mask slots are scratch: only the real rows stay in the drafter's cache.
         self.cache.crop(rows)

@@ -386,6 +386,84 @@ def write_table9(cfg: Config, evals: list[str], out: str | Path,
     return df
 
 
+# --------------------------------------------------------------------------- Tables 3-8
+
+
+def ablation_digest(cfg: Config, table: str) -> str:
+    """16 hex digits of what an ablation table's numbers depend on: the config digest (everything but
+    the ablations) and the table's plan (its rows' runs, evaluation sets, K). Recorded in its sidecar."""
+    import hashlib
+
+    from peagle.ablations import plan_ablations
+    from peagle.config import config_from_dict
+
+    plan = plan_ablations(cfg, config_from_dict)[table]
+    shape = {"config": cfg.digest(), "table": table, "k": plan.k, "eval_sets": plan.eval_sets,
+             "rows": [[r.label, r.run.digest] for r in plan.rows]}
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_ablation_table(cfg: Config, table: str, evals: list[str], out: str | Path, *,
+                         benchmarks: list[str] | None = None, config_files: list[str] | None = None) -> pd.DataFrame:
+    """One ablation table (Tables 3-8): acceptance length per row and evaluation set, beside the paper.
+
+    ``evals``: the evaluate-rule JSONs of the table's rows x evaluation sets x seeds, in that order
+    (``peagle.ablations.plan_ablations`` gives the rows). Per set: the mean over the seeds (or the
+    training status), its sample standard deviation, and the paper's value of the row's paper
+    setting (``paper_numbers.csv``; empty where the paper has none). ``benchmarks``: the Snakemake
+    benchmark files of the table's training and evaluation jobs (wall times in the provenance).
+    """
+    from peagle.ablations import plan_ablations
+    from peagle.config import config_from_dict
+
+    plans = plan_ablations(cfg, config_from_dict)
+    if table not in plans:
+        raise TableError(f"{table}: not an ablation table of this config (ablations define {', '.join(plans)})")
+    plan = plans[table]
+    seeds = _seeds(cfg) or [None]
+    want = len(plan.rows) * len(plan.eval_sets) * len(seeds)
+    if len(evals) != want:
+        raise TableError(f"{table}: {len(evals)} evaluation files for {len(plan.rows)} rows x "
+                         f"{len(plan.eval_sets)} sets x {len(seeds)} seeds = {want}; re-run snakemake")
+    paper = paper_numbers()
+    paper = paper[(paper["table"] == table) & (paper["metric"] == "acceptance_length")]
+    it = iter(evals)
+    rows, cells = [], {}
+    for row in plan.rows:
+        out_row: dict[str, Any] = {"row": row.label, "setting": plan.setting, "value": row.value,
+                                   "paper_setting": row.paper, "run": row.run.digest}
+        for eval_set in plan.eval_sets:
+            holder: dict[str, dict[int | None, dict[str, Any]]] = {}
+            for seed in seeds:
+                path = next(it)
+                res = _load_eval(path)
+                if res.get("eval_set") != eval_set or int(res.get("k", -1)) != plan.k:
+                    raise TableError(f"{path}: a result for {res.get('eval_set')} at K={res.get('k')}, expected "
+                                     f"{eval_set} at K={plan.k} ({row.label}); re-run snakemake")
+                _add_run(holder, row.label, res, str(path), None if seed is None else [seed],
+                         f"{row.label} on {eval_set}")
+            runs = holder[row.label]
+            agg = aggregate_seeds(runs, f"{table}/{row.label}/{eval_set}")
+            hit = paper[(paper["dataset"] == eval_set) & (paper["setting"] == (row.paper or ""))]["value"]
+            out_row.update({eval_set: agg["value"], f"{eval_set}_std": _std_cell(agg),
+                            f"{eval_set}_paper": float(hit.iloc[0]) if len(hit) and hit.iloc[0] != "unknown" else None})
+            cells[f"{row.label}/{eval_set}"] = {**agg, "runs": {str(sd): {k: v for k, v in c.items() if k in _CELL_KEYS}
+                                                               for sd, c in runs.items()}}
+        rows.append({**out_row, "n_seeds": len(seeds)})
+    df = pd.DataFrame(rows)
+    times = {str(b): read_benchmark(b).get("s") for b in benchmarks or []}
+    spread = "mean over 1 seed (no spread)" if len(seeds) == 1 else f"mean and std over {len(seeds)} seeds"
+    write_table(df, out, table=table, cfg=cfg, config_files=config_files,
+                what=f"acceptance length at K={plan.k} on {', '.join(plan.eval_sets)} per {plan.setting} "
+                     f"({spread}), {plan.method} on {plan.target}; the paper's value beside each",
+                ablation_digest=ablation_digest(cfg, table), ablation_group=plan.group, scale=plan.scale,
+                shared_settings=plan.carried, seed_spread=spread_note(_seeds(cfg), len(seeds)),
+                runs={r.run.digest: {"ctx": r.run.ctx, "overrides": dict(r.run.overrides),
+                                     "profile_settings": r.run.profile_settings} for r in plan.rows},
+                cells=cells, wall_times_s=times, wall_time_total_s=sum(v for v in times.values() if v))
+    return df
+
+
 # --------------------------------------------------------------------------- Table 10
 
 TABLE10_METHODS = ("eagle3", "peagle")

@@ -27,11 +27,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from peagle import checkpoint as ckpt
+from peagle import distributed
 from peagle import memory
 from peagle.cod import cod_sample, full_grid
 from peagle.config import Config
@@ -42,7 +43,7 @@ from peagle.io import atomic_write_json
 from peagle.partition import segments_for
 from peagle.step import parallel_backward
 
-__all__ = ["MethodPlan", "InfeasibleRun", "TrainingError", "train_drafter"]
+__all__ = ["MethodPlan", "InfeasibleRun", "TrainingError", "train_drafter", "record_failure"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,29 @@ def epoch_order(num: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(num, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
 
 
+def shard_window_order(shards: Sequence[int], seed: int, epoch: int, window: int | None) -> list[int]:
+    """One epoch's order of the positions ``0..n-1``, where position i's sequence is in shard ``shards[i]``.
+
+    The shards in a seeded order, cut into windows of ``window`` shards; each window's positions in
+    a seeded random order, window after window. So each shard is read once per epoch, and a reader
+    holding 2 windows of shards never reads one twice (a step's batch may span two windows). At most
+    ``window`` distinct shards (or ``window`` None): :func:`epoch_order`, the whole set shuffled.
+    """
+    distinct = sorted(set(shards))
+    if window is None or len(distinct) <= window:
+        return epoch_order(len(shards), seed, epoch)
+    g = torch.Generator().manual_seed(seed * 7919 + epoch)
+    members: dict[int, list[int]] = {s: [] for s in distinct}
+    for pos, shard in enumerate(shards):
+        members[shard].append(pos)
+    ordered = [distinct[i] for i in torch.randperm(len(distinct), generator=g).tolist()]
+    out: list[int] = []
+    for w in range(0, len(ordered), window):
+        group = [pos for shard in ordered[w:w + window] for pos in members[shard]]
+        out.extend(group[i] for i in torch.randperm(len(group), generator=g).tolist())
+    return out
+
+
 def lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
     """Linear warm-up to 1, then linear decay to 0 at ``total`` optimizer steps."""
 
@@ -141,6 +165,9 @@ def train_drafter(
 ) -> dict[str, Any]:
     """Train one drafter of ``method`` (a key of ``cfg.methods``) at training context ``ctx``.
 
+    ``hidden_dir``: the hidden-state store (``train.hidden_source`` offline), or the responses
+    JSONL whose hidden states the target computes as training reads them (online).
+
     Resumes from ``out_dir/checkpoints`` if a checkpoint is there. Writes ``out_dir/final``
     (vLLM-loadable), ``out_dir/metrics.jsonl`` (one line per optimizer step) and
     ``out_dir/summary.json``, and returns the summary. A run that exceeds the memory budget ends
@@ -162,10 +189,18 @@ def train_drafter(
     if not main:
         return summary
     if summary.get("status") != "ok":
-        info = json.loads(Path(target_json).read_text())
-        summary = {**summary, "method": method, "ctx": ctx, "drafter_layers": MethodPlan.of(cfg, method).num_layers,
-                   "target_name": info.get("name"), "target": info.get("path"), "seed": cfg.train.seed}
-        atomic_write_json(out / "summary.json", summary)
+        summary = record_failure(cfg, target_json, method, ctx, out, summary)
+    return summary
+
+
+def record_failure(cfg: Config, target_json: str | Path, method: str, ctx: int, out_dir: str | Path,
+                   record: dict[str, Any]) -> dict[str, Any]:
+    """Write ``out_dir/summary.json`` for a run that made no drafter (``record``: status OOM or
+    infeasible and its measurement), with the run's cell (method, context, layers, target, seed)."""
+    info = json.loads(Path(target_json).read_text())
+    summary = {**record, "method": method, "ctx": ctx, "drafter_layers": MethodPlan.of(cfg, method).num_layers,
+               "target_name": info.get("name"), "target": info.get("path"), "seed": cfg.train.seed}
+    atomic_write_json(Path(out_dir) / "summary.json", summary)
     return summary
 
 
@@ -203,8 +238,16 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
     ckpt_root = out / "checkpoints"
     out.mkdir(parents=True, exist_ok=True)
 
-    dataset = HiddenStateDataset(hidden_dir)
     info = read_target_json(target_json)
+    if tc.hidden_source == "online":  # hidden_dir is the responses JSONL
+        from peagle.hidden import OnlineHiddenStates
+        from peagle.target import load_target
+
+        target_model, _, _ = load_target(target_json, device=device, dtype=cfg.runtime.dtype)
+        dataset = OnlineHiddenStates(target_model, hidden_dir, info["aux_layer_ids"], cfg.hidden.dtype)
+    else:
+        # Two windows of shards in memory: a step's batch may span a window boundary (shard_window_order).
+        dataset = HiddenStateDataset(hidden_dir, cache_shards=2 * (tc.shard_window or 1))
     if list(dataset.aux_layer_ids) != list(info["aux_layer_ids"]):
         raise TrainingError(f"{hidden_dir}: hidden states were extracted at layers {dataset.aux_layer_ids} "
                             f"but {target_json} says {info['aux_layer_ids']}; re-run extraction")
@@ -223,6 +266,8 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
         rms_norm_eps=dc.rms_norm_eps, rope_theta=dc.rope_theta,
         max_position_embeddings=max(ctx + plan.depths, int(info.get("max_position_embeddings") or 0)),
         parallel=plan.parallel,
+        hidden_variant=dc.hidden_variant if plan.parallel else "shared",
+        max_depth=tc.k_train - 1 if plan.parallel else 0,
     )
     drafter = build_drafter(spec, embed=embed, lm_head=head, seed=tc.seed).to(device=device, dtype=param_dtype)
     drafter.embed_tokens.weight.requires_grad_(plan.embed_trainable)
@@ -237,13 +282,19 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
         masks = MaskBuilder(plan.mask_strategy, tc.max_mask_len, tc.k_train)
 
     # Sequences with at least one supervised row inside the context window.
+    # From the manifest where it records each sequence's first supervised position (no shard is
+    # read: a store can be terabytes), else by reading the sequences.
     usable, shortest = [], None
-    for i in range(len(dataset)):
-        seq = truncate(dataset[i], ctx)
-        if seq["input_ids"].shape[0] >= 2 and bool(seq["loss_mask"][1:].any()):
+    first = dataset.first_supervised
+    for i, length in enumerate(dataset.lengths):
+        n = min(length, ctx)
+        if first is not None:
+            ok = first[i] is not None and first[i] < n
+        else:
+            ok = n >= 2 and bool(truncate(dataset[i], ctx)["loss_mask"][1:].any())
+        if ok:
             usable.append(i)
-            rows = seq["input_ids"].shape[0] - 1
-            shortest = rows if shortest is None else min(shortest, rows)
+            shortest = n - 1 if shortest is None else min(shortest, n - 1)
     if not usable:
         raise TrainingError(f"{hidden_dir}: no sequence has a supervised token within the first {ctx} tokens")
     if segments_for(shortest, plan.partitions, plan.segment_rows) > shortest:
@@ -251,10 +302,19 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
         raise TrainingError(f"partitions={plan.partitions} (train.partitions / methods.{method}.partitions) "
                             f"exceeds the {shortest} rows of the shortest training sequence at ctx={ctx}; "
                             f"use at most {shortest} partitions")
+    usable_shards = [dataset.shard_of(i) for i in usable]
     steps_per_epoch = math.ceil(len(usable) / tc.grad_accum)
     total_steps = tc.epochs * steps_per_epoch
     warmup = max(1, math.ceil(tc.warmup_ratio * total_steps))
 
+    existing = ckpt.list_checkpoints(ckpt_root)
+    resume_from = existing[-1] if existing else None
+    if resume_from is not None:  # the whole weights go in before sharding
+        resumed, _ = ckpt.load_drafter(resume_from, device=device, dtype=param_dtype)
+        drafter.load_state_dict(resumed.state_dict())
+    sharded = tc.parallelism == "fsdp" and world.size > 1
+    if sharded:
+        distributed.shard(drafter)
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, warmup))
@@ -270,22 +330,21 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
             "target": info["path"], "target_name": info.get("name"), "seed": tc.seed}
     metrics_path = out / "metrics.jsonl"
     start_step, metrics = 0, []
-    existing = ckpt.list_checkpoints(ckpt_root)
-    if existing:
-        last = existing[-1]
-        state = ckpt.load_trainer_state(last)
-        resumed, _ = ckpt.load_drafter(last, device=device, dtype=param_dtype)
-        drafter.load_state_dict(resumed.state_dict())
-        opt.load_state_dict(state["optimizer"])
+    if resume_from is not None:
+        state = ckpt.load_trainer_state(resume_from)
+        opt.load_state_dict(distributed.shard_optimizer_state(state["optimizer"], params) if sharded
+                            else state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_step = state["step"]
         if metrics_path.exists():
             metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
             metrics = [m for m in metrics if m["step"] <= start_step]
-        log(f"resuming from {last} at optimizer step {start_step}/{total_steps}")
+        log(f"resuming from {resume_from} at optimizer step {start_step}/{total_steps}")
     if world.is_main:
         _write_jsonl_atomic(metrics_path, metrics)
 
+    if tc.parallelism == "fsdp" and world.size == 1:
+        log("train.parallelism is fsdp, but one process has nothing to shard it over: training it whole")
     what = (f"mask={plan.mask_strategy}, partitions={plan.partitions}"
             + (f" (segments of <= {plan.segment_rows} rows)" if plan.segment_rows and plan.partitions > 1 else "")
             if plan.parallel else f"ttt_steps={plan.depths}")
@@ -300,11 +359,12 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
     # already: weights, the target head and, after a resume, the loaded optimizer state -- so
     # that a resumed run counts the bytes an uninterrupted one does.
     head_bytes = target_head.numel() * target_head.element_size()
-    _, needed = memory.model_bytes(drafter.parameters())
+    _, needed = memory.model_bytes(drafter.parameters())  # this process's shards under FSDP
+    gathered = sum(p.numel() * p.element_size() for p in drafter.parameters()) if sharded else 0
     moments = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
     resident = memory.tensor_bytes([*drafter.parameters(), target_head, *moments])
     meter = memory.start_meter(tc.memory_budget_mb, device, resident_bytes=resident,
-                               required_bytes=needed + head_bytes)
+                               required_bytes=needed + gathered + head_bytes)
     peaks = [round(m["peak_mem_mb"] * memory.MB) for m in metrics if m.get("peak_mem_mb") is not None]  # bytes
     depths = plan.depths
     probe = _BudgetProbe(tc.time_budget_s_per_epoch, tc.budget_probe_steps, steps_per_epoch)
@@ -351,8 +411,13 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
     def distributed_micro_steps(batch: list[int], epoch: int) -> tuple:
         """This process's share of the global batch, then one all-reduce of the gradients and the
         step's statistics. A process that runs out of memory tells the others before the
-        all-reduce, so that all of them stop at the same step (the main one records the OOM)."""
+        all-reduce, so that all of them stop at the same step (the main one records the OOM).
+        FSDP gathers the weights first and reduces the gradients to the shards instead."""
         failed: BaseException | None = None
+        if sharded:
+            with meter.paused():  # a collective; the accountant cannot follow FSDP's in-place storages
+                distributed.gather_params(drafter)
+            meter.hold(gathered)  # past the budget, micro_steps' first op raises (all processes stop)
         try:
             acc = micro_steps(world.share(batch), len(batch), epoch)
         except BaseException as err:  # noqa: BLE001 -- only out-of-memory is caught, below
@@ -368,7 +433,12 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
                 raise memory.BudgetExceeded(tc.memory_budget_mb, device.type, "another training process went over "
                                             "its budget at this step", peak_bytes=int(oom[1]), measure=meter.measure)
             raise _PeerStopped(f"stopped with the other processes at optimizer step {len(metrics) + 1}")
-        world.sum_grads(params, comm_ctx=meter.paused)
+        if sharded:
+            with meter.deferred():  # every process must finish the reduction
+                distributed.reduce_grads(drafter)
+            meter.hold(-gathered)
+        else:
+            world.sum_grads(params, comm_ctx=meter.paused)
         sup_total, loss_total, elements, tokens, correct, count, last = acc
         with meter.paused():
             summed = world.sum([sup_total, loss_total, elements, tokens, *correct.tolist(), *count.tolist()], device)
@@ -376,10 +446,15 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
                 torch.tensor(summed[4:4 + depths]).round().long(), torch.tensor(summed[4 + depths:]).round().long(),
                 last)
 
+    def whole(state: dict[str, Any]) -> dict[str, Any]:
+        """A state dict with whole tensors: FSDP's shards gathered (every process calls it)."""
+        return distributed.full_tensors(state) if sharded else state
+
     t_run = time.perf_counter()
     for step in range(start_step, total_steps):
         epoch, j = divmod(step, steps_per_epoch)
-        order = epoch_order(len(usable), tc.seed, epoch)
+        if j == 0 or step == start_step:
+            order = shard_window_order(usable_shards, tc.seed, epoch, tc.shard_window)
         batch = [usable[i] for i in order[j * tc.grad_accum:(j + 1) * tc.grad_accum]]
         meter.reset_peak()
         t0 = time.perf_counter()
@@ -398,6 +473,8 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
                "grad_norm": float(grad_norm), "supervised": sup_total, "elements": elements, "tokens": tokens,
                "step_s": dt, "tokens_per_s": tokens / dt, "elements_per_s": elements / dt,
                "peak_mem_mb": peaks[-1] / memory.MB}
+        if getattr(drafter, "ntp_alpha", None) is not None:  # the regularized design's scale (Figure B)
+            row["ntp_alpha"] = float(drafter.ntp_alpha)
         for d in range(depths):
             row[f"acc_d{d}"] = float(correct[d]) / int(count[d]) if count[d] else None
         metrics.append(row)
@@ -415,12 +492,16 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
             bar.close()
             raise InfeasibleRun({"status": "infeasible", **verdict, "completed_steps": done,
                                  **meter.record(max(peaks))})
-        if done % tc.checkpoint_every == 0 and done < total_steps and world.is_main:
-            state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": done}
+        if done % tc.checkpoint_every == 0 and done < total_steps and (world.is_main or sharded):
             with meter.paused():  # checkpoint copies are I/O, not training memory
-                ckpt.save_drafter(ckpt_root / f"step_{done:07d}", drafter, meta, trainer_state=state)
-            for old in ckpt.list_checkpoints(ckpt_root)[:-tc.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+                weights, opt_state = whole(drafter.state_dict()), whole(opt.state_dict())
+                if world.is_main:
+                    state = {"optimizer": opt_state, "scheduler": sched.state_dict(), "step": done}
+                    ckpt.save_drafter(ckpt_root / f"step_{done:07d}", drafter, meta, trainer_state=state,
+                                      tensors=weights)
+                    for old in ckpt.list_checkpoints(ckpt_root)[:-tc.keep_checkpoints]:
+                        shutil.rmtree(old, ignore_errors=True)
+                weights = opt_state = None
         if stop_after_steps is not None and done >= stop_after_steps and done < total_steps:
             bar.close()
             raise _Killed(f"stopped after {done} steps (test hook)")
@@ -431,10 +512,13 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
     final_meta = {**meta, "optimizer_steps": total_steps, "sequences": len(usable), "epochs": tc.epochs}
     if world.size > 1:
         final_meta["world_size"] = world.size
+    if sharded:
+        final_meta["parallelism"] = "fsdp"
+    weights = whole(drafter.state_dict())
     if not world.is_main:
         world.barrier()
         return {"status": "ok", "rank": world.rank}
-    ckpt.save_drafter(out / "final", drafter, final_meta)
+    ckpt.save_drafter(out / "final", drafter, final_meta, tensors=weights)
     tail = metrics[-min(len(metrics), steps_per_epoch):]
     summary = {
         "status": "ok",

@@ -413,6 +413,10 @@ def vllm_eval(cfg: Any, target_json: str | Path, drafter: str | Path | None, pro
 
     settings, device = settings or VllmSettings.from_config(cfg), cfg.runtime.device
     max_new, n_prompts = cfg.eval.max_new_tokens, cfg.eval.n_prompts
+    if cfg.eval.turns != 1:
+        # Its figures are checked against the engine's evaluation of the same cell, turn for turn.
+        raise ServingError(f"eval.turns={cfg.eval.turns}: the vLLM stage asks each conversation's first turn only, "
+                           "as vLLM's serving benchmark does, so its cross-check with the engine needs eval.turns: 1")
     info = read_target_json(target_json)
     summary, serving = None, None
     if drafter is not None:

@@ -70,4 +70,5 @@ def tiny_config():
     # No RLIMIT_AS in the pytest process: budgets are tested in subprocesses (tests/test_memory.py).
     raw["train"]["memory_budget_mb"] = None
     raw["eval"].update(k=3, max_new_tokens=12, n_prompts=2, lossless_check_prompts=1)
+    raw["ablations"] = {}  # the profile's ablations evaluate at K=5, above this k_train (tests/test_ablations.py)
     return config_from_dict(raw)

@@ -157,29 +157,41 @@ def test_pipeline_respond_extract_train_evaluate(arch, tiny_config, tmp_path):
 
     tj, _, eos = make_target(arch, tmp_path)
     model, tok, info = load_target(tj)
-    prompts = [{"id": f"p{i}", "source": "test", "role": "mt_bench", "turns": [TEXTS[i * 7][: 10 + 3 * i]],
+    # Two conversations of two turns (MT-Bench's shape), two of one.
+    prompts = [{"id": f"p{i}", "source": "test", "role": "mt_bench",
+                "turns": [TEXTS[i * 7][: 10 + 3 * i]] + ([TEXTS[i * 7 + 1][:12]] if i < 2 else []),
                 "reference": None} for i in range(4)]
     (tmp_path / "eval_mt_bench.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
     stats = regenerate_responses(model, tok, prompts, 3 * WINDOW, 2, tmp_path / "resp.jsonl", progress=False)
-    assert stats["num_prompts"] == 4
+    assert stats["num_prompts"] == 4 and stats["turns"] == 6
     rows = read_responses(tmp_path / "resp.jsonl")
     runner = TargetRunner(model, info["aux_layer_ids"])
     for r in rows:  # batched, left-padded HF generation == the engine's greedy reference
         assert len(r["prompt_ids"]) > WINDOW
         assert r["response_ids"] == greedy_generate(runner, r["prompt_ids"], 3 * WINDOW, eos)
+    assert [len(r.get("answer_spans", [])) for r in rows] == [1, 1, 0, 0]  # the template keeps the history
     extract_hidden_states(model, tmp_path / "resp.jsonl", info["aux_layer_ids"], tmp_path / "hidden", 10_000,
                           "float32", arch, progress=False)
+    from peagle.hidden import HiddenStateDataset
+
+    seq = HiddenStateDataset(tmp_path / "hidden")[0]  # loss on both of the target's answers, nowhere else
+    (a, b), n_prompt = rows[0]["answer_spans"][0], len(rows[0]["prompt_ids"])
+    want = torch.zeros(n_prompt + len(rows[0]["response_ids"]), dtype=torch.uint8)
+    want[a:b], want[n_prompt:] = 1, 1
+    assert torch.equal(seq["loss_mask"], want)
     cfg = dataclasses.replace(
         tiny_config, train=dataclasses.replace(tiny_config.train, max_mask_len=1024, epochs=1),
-        eval=dataclasses.replace(tiny_config.eval, max_new_tokens=2 * WINDOW, n_prompts=2, lossless_check_prompts=2))
+        eval=dataclasses.replace(tiny_config.eval, max_new_tokens=2 * WINDOW, n_prompts=2, lossless_check_prompts=2,
+                                 turns=2))
     # ctx 192 covers the longest prompt (the harmony system header) plus part of the response.
     summary = train_drafter(cfg, tj, tmp_path / "hidden", "peagle", 192, tmp_path / "run",
                             progress=False, log=lambda m: None)
     assert summary["status"] == "ok"
     res = evaluate_drafter(cfg, tj, tmp_path / "run", tmp_path / "eval_mt_bench.jsonl", 3, progress=False,
                            log=lambda m: None)
-    assert all(c["equal"] for c in res["lossless_checks"]) and len(res["lossless_checks"]) == 2
-    assert 1 <= res["acceptance_length"] <= 4
+    # Both turns checked lossless: turn 2 is asked after the target's own first answer.
+    assert all(c["equal"] for c in res["lossless_checks"]) and [c["turn"] for c in res["lossless_checks"]] == [1, 2] * 2
+    assert 1 <= res["acceptance_length"] <= 4 and all(1 <= al <= 4 for al in res["acceptance_length_per_turn"])
 
 
 @pytest.mark.parametrize("arch", ["gpt_oss", "llama"])

@@ -1,4 +1,5 @@
-"""peagle.generate: batched greedy regeneration equals batch-1 decoding; EOS handling; file format."""
+"""peagle.generate: batched greedy regeneration equals batch-1 decoding; EOS handling; file format;
+every turn of a conversation; shards that resume and parts that gather to one run's bytes."""
 
 from __future__ import annotations
 
@@ -91,16 +92,119 @@ def test_chat_records_and_errors(tmp_path):
                                            intermediate_size=128, max_position_embeddings=64), tok)
     recs = [{"id": "a", "turns": ["hello"]}, {"id": "b", "turns": ["how are you today?", "x"]}]
     stats = regenerate_responses(m, tok, recs, max_new_tokens=3, batch_size=2,
-                                 out_path=tmp_path / "r.jsonl", progress=False)
+                                 out_path=tmp_path / "r.jsonl", progress=False, max_turns=1)
     rows = read_responses(tmp_path / "r.jsonl")
     assert [r["id"] for r in rows] == ["a", "b"] and stats["num_prompts"] == 2
-    assert rows[1]["prompt_ids"] == render_prompt_ids(tok, "how are you today?")  # turns[0] only
-    assert all(1 <= len(r["response_ids"]) <= 3 for r in rows)
+    assert rows[1]["prompt_ids"] == render_prompt_ids(tok, "how are you today?")  # max_turns=1: turns[0] only
+    assert "answer_spans" not in rows[1] and all(1 <= len(r["response_ids"]) <= 3 for r in rows)
     # never past max_position_embeddings
     regenerate_responses(m, tok, [{"id": "long", "prompt_ids": [1] * 60}], max_new_tokens=50,
                          batch_size=1, out_path=tmp_path / "l.jsonl", progress=False)
     assert len(read_responses(tmp_path / "l.jsonl")[0]["response_ids"]) <= 4
+    # a prompt with no room to answer: an error naming the setting, or skipped and counted
+    too_long = [{"id": "long", "prompt_ids": [1] * 64}, {"id": "ok", "prompt_ids": [1] * 8}]
+    with pytest.raises(ValueError, match="respond.on_long_prompt"):
+        regenerate_responses(m, tok, too_long, 2, 1, tmp_path / "f.jsonl", progress=False)
+    stats = regenerate_responses(m, tok, too_long, 2, 1, tmp_path / "s.jsonl", on_long_prompt="skip", progress=False)
+    assert [r["id"] for r in read_responses(tmp_path / "s.jsonl")] == ["ok"] and stats["turns_skipped_too_long"] == 1
     with pytest.raises(ValueError, match="duplicate prompt id"):
         regenerate_responses(m, tok, recs + recs[:1], 2, 2, tmp_path / "d.jsonl", progress=False)
     with pytest.raises(ValueError, match="'id'"):
         regenerate_responses(m, tok, [{"turns": ["x"]}], 2, 2, tmp_path / "e.jsonl", progress=False)
+
+
+@pytest.fixture(scope="module")
+def chat_target():
+    """A tiny chat target (its own tokenizer and template) whose answers are a few tokens long."""
+    from peagle.target import TinyTargetConfig, build_tiny_target, train_tokenizer
+
+    tok = train_tokenizer(["hello world, how are you today? fine thanks, and you?"] * 20, vocab_size=300)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        m = build_tiny_target(TinyTargetConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
+                                               intermediate_size=128, max_position_embeddings=256), tok)
+    return m.to(torch.float64).eval(), tok
+
+
+def test_every_turn_is_answered_after_the_targets_own_answers(chat_target, tmp_path):
+    from peagle.target import render_prompt_ids
+    from peagle.target.chat import answer_text, history_prompt_ids
+
+    m, tok = chat_target
+    turns = ["how are you today?", "and you?", "hello world"]
+    regenerate_responses(m, tok, [{"id": "c", "turns": turns}], 5, 1, tmp_path / "r.jsonl", progress=False)
+    (row,) = read_responses(tmp_path / "r.jsonl")
+    # The reference: the same conversation asked one turn at a time through plain greedy decoding.
+    answers: list[list[int]] = []
+    for n in range(3):
+        prompt, spans = history_prompt_ids(tok, turns[:n + 1], [answer_text(tok, a) for a in answers])
+        answers.append(generate_greedy_batch(m, [prompt], 5, [tok.eos_token_id], 0)[0])
+    assert row["prompt_ids"] == prompt and row["response_ids"] == answers[-1] and row["turns"] == 3
+    assert row["answer_spans"] == [list(s) for s in spans] and len(spans) == 2
+    first = render_prompt_ids(tok, turns[0])
+    (s0, e0), (s1, _) = spans
+    assert row["prompt_ids"][:len(first)] == first and s0 == len(first) and e0 < s1
+    # span 0 holds answer 1 as the history renders it, closed by the template's end of turn
+    assert tok.decode(row["prompt_ids"][s0:e0], skip_special_tokens=True).strip() == answer_text(tok, answers[0]).strip()
+    assert tok.eos_token_id in row["prompt_ids"][s0:e0]
+
+
+class CountingGreedy:
+    """Wraps a backend; counts its calls and can fail at call ``fail_at`` (a killed run)."""
+
+    def __init__(self, gen, fail_at=None):
+        self.gen, self.fail_at, self.calls = gen, fail_at, 0
+        self.eos_ids, self.max_pos, self.vocab, self.backend = gen.eos_ids, gen.max_pos, gen.vocab, gen.backend
+
+    def settings(self):
+        return self.gen.settings()
+
+    def __call__(self, prompts, limits, progress=None):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt("killed")
+        return self.gen(prompts, limits, progress)
+
+
+def test_shards_resume_and_parts_gather_to_one_runs_bytes(model, tmp_path):
+    from peagle.generate import HFGreedy, ResponsesError, gather_parts, regenerate_part
+
+    model.generation_config.eos_token_id = 60
+    tok = SimpleNamespace(eos_token_id=60, pad_token_id=0)
+    records = [{"id": f"p{i}", "prompt_ids": p} for i, p in enumerate(PROMPTS + [[1, 2, 3], [1, 44]])]
+    kw = dict(max_new_tokens=6, shard_prompts=3, progress=False)  # 8 prompts: shards of 3, 3, 2
+
+    def gen(fail_at=None):
+        return CountingGreedy(HFGreedy(model, tok, batch_size=2), fail_at)
+
+    one = regenerate_part(gen(), tok, records, tmp_path / "one", **kw)
+    gather_parts([one], tmp_path / "one.jsonl")
+    whole = (tmp_path / "one.jsonl").read_bytes()
+    assert one["num_shards"] == 3 and [r["id"] for r in read_responses(tmp_path / "one.jsonl")] == [r["id"] for r in records]
+    # Parts 0/2 and 1/2, each on its own, gather to the same bytes.
+    parts = [regenerate_part(gen(), tok, records, tmp_path / "two", part=p, parts=2, **kw) for p in (0, 1)]
+    assert [[e["index"] for e in p["shards"]] for p in parts] == [[0, 2], [1]]
+    gather_parts(parts[::-1], tmp_path / "two.jsonl")
+    assert (tmp_path / "two.jsonl").read_bytes() == whole
+    with pytest.raises(ResponsesError, match=r"shards \[1\] of 3 are in no part"):
+        gather_parts(parts[:1], tmp_path / "x.jsonl")
+    # Killed while generating shard 2 (its third call): the rerun generates shard 2 only.
+    killed = gen(fail_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        regenerate_part(killed, tok, records, tmp_path / "resume", **kw)
+    assert sorted(f.name for f in (tmp_path / "resume").iterdir()) == [
+        "shard_00000.jsonl", "shard_00000.jsonl.json", "shard_00001.jsonl", "shard_00001.jsonl.json"]
+    rerun = gen()
+    summary = regenerate_part(rerun, tok, records, tmp_path / "resume", **kw)
+    assert rerun.calls == 1 and summary["shards_reused"] == 2
+    gather_parts([summary], tmp_path / "resume.jsonl")
+    assert (tmp_path / "resume.jsonl").read_bytes() == whole
+    # A shard made with other settings, or whose bytes changed, is made again.
+    again = gen()
+    regenerate_part(again, tok, records, tmp_path / "resume", **{**kw, "max_new_tokens": 5})
+    assert again.calls == 3
+    shard = tmp_path / "one" / "shard_00001.jsonl"
+    shard.write_bytes(shard.read_bytes().replace(b"p3", b"q3"))
+    fixed = gen()
+    regenerate_part(fixed, tok, records, tmp_path / "one", **kw)
+    assert fixed.calls == 1 and (tmp_path / "one" / "shard_00001.jsonl").read_bytes().count(b'"p3"') == 1

@@ -106,7 +106,7 @@ def test_corrupted_shard_is_detected(model, responses, tmp_path):
     ds = HiddenStateDataset(out)  # lazy: opening the directory is fine ...
     ds[0]  # ... and the intact first shard still reads
     first_bad = man["shards"][0]["num_sequences"]
-    with pytest.raises(ValueError, match=rf"{victim.name}.*re-run hidden-state extraction"):
+    with pytest.raises(ValueError, match=rf"{victim.name}.*Rebuild the store: snakemake --cores all --forcerun extract .*manifest.json"):
         ds[first_bad]
     with pytest.raises(ValueError, match=victim.name):
         HiddenStateDataset(out, verify="eager")
@@ -160,3 +160,96 @@ def test_greedy_responses_agree_with_extracted_states(model, tmp_path):
             assert torch.equal(pred[:-1][gate], x[2:][gate])
     finally:
         model.float()
+
+
+def test_shards_are_bounded_in_bytes_and_the_manifest_sizes_the_store(tiny_artifacts, tmp_path):
+    from peagle.hidden import bytes_per_token
+    from peagle.target import load_target
+
+    model, _, _ = load_target(tiny_artifacts["target_json"])
+    per_token = bytes_per_token(64, torch.float32)
+    cap_mb = 60 * per_token / 2**20  # 60 tokens' worth: every shard but single long sequences stays under
+    m = extract_hidden_states(model, tiny_artifacts["responses"], [1, 2, 3], tmp_path / "H", None, "float32", "t",
+                              shard_mb=cap_mb, progress=False)
+    assert len(m["shards"]) > 3 and m["num_bytes"] == sum((tmp_path / "H" / s["file"]).stat().st_size for s in m["shards"])
+    for s in m["shards"]:
+        assert s["num_tokens"] * per_token <= cap_mb * 2**20 or s["num_sequences"] == 1
+        assert s["num_bytes"] <= s["num_tokens"] * per_token + 4096  # the safetensors header on top
+    ds = HiddenStateDataset(tmp_path / "H")
+    assert ds.num_tokens == m["num_tokens"] and len(ds) == 12
+    # the manifest's first supervised positions equal the stored masks'
+    for i in range(len(ds)):
+        hits = ds[i]["loss_mask"][1:].nonzero()
+        assert ds.first_supervised[i] == (int(hits[0, 0]) + 1 if hits.numel() else None)
+
+
+def test_shard_window_order_reads_each_shard_once_per_epoch(tiny_artifacts, tiny_config, tmp_path, monkeypatch):
+    """Training one epoch reads every shard's file exactly once when the sampler takes the store a
+    window of shards at a time (a whole-store shuffle over a small cache reads shards many times)."""
+    import dataclasses
+
+    from peagle import hidden
+    from peagle.target import load_target
+    from peagle.train import shard_window_order, train_drafter
+
+    shards = [0, 0, 1, 1, 1, 2, 3, 3, 4]
+    order = shard_window_order(shards, seed=3, epoch=0, window=2)
+    assert sorted(order) == list(range(len(shards)))
+    seen: list[int] = []  # each window's shards appear contiguously and never again
+    for p in order:
+        if not seen or seen[-1] != shards[p]:
+            seen.append(shards[p])
+    assert len(set(seen)) == 5 and shard_window_order(shards, 3, 0, 9) == shard_window_order(shards, 3, 0, None)
+    assert shard_window_order(shards, 3, 1, 2) != order  # reshuffled per epoch
+
+    model, _, _ = load_target(tiny_artifacts["target_json"])
+    m = extract_hidden_states(model, tiny_artifacts["responses"], [1, 2, 3], tmp_path / "H", 40, "float32", "t",
+                              progress=False)
+    assert len(m["shards"]) >= 6
+    reads: list[int] = []
+    real = hidden.HiddenStateDataset._read_verified
+
+    def counting(self, k, force_verify=False):
+        reads.append(k)
+        return real(self, k, force_verify)
+
+    monkeypatch.setattr(hidden.HiddenStateDataset, "_read_verified", counting)
+    cfg = dataclasses.replace(tiny_config, train=dataclasses.replace(tiny_config.train, epochs=1, shard_window=2,
+                                                                      grad_accum=2))
+    summary = train_drafter(cfg, tiny_artifacts["target_json"], tmp_path / "H", "peagle", 64, tmp_path / "run",
+                            progress=False, log=lambda msg: None)
+    assert summary["status"] == "ok"
+    assert sorted(reads) == list(range(len(m["shards"])))  # once each: no read for the usable-sequence scan either
+
+
+def test_online_mode_equals_the_store(tiny_artifacts, tiny_config, tmp_path):
+    """Online mode (the target computes hidden states as training reads them, no store) gives the
+    store's tensors bit for bit, hence the same losses, gradients and weights."""
+    import dataclasses
+    import json
+
+    from safetensors.torch import load_file
+
+    from peagle.hidden import OnlineHiddenStates
+    from peagle.target import load_target
+    from peagle.train import train_drafter
+
+    model, _, _ = load_target(tiny_artifacts["target_json"])
+    online = OnlineHiddenStates(model, tiny_artifacts["responses"], [1, 2, 3], "float32")
+    offline = HiddenStateDataset(tiny_artifacts["hidden_dir"])
+    assert len(online) == len(offline) and online.lengths == offline.lengths and online.ids == offline.ids
+    assert online.first_supervised == offline.first_supervised
+    for i in range(len(offline)):
+        a, b = online[i], offline[i]
+        assert all(torch.equal(a[k], b[k]) for k in b)
+    runs = {}
+    for source, where in (("offline", tiny_artifacts["hidden_dir"]), ("online", tiny_artifacts["responses"])):
+        cfg = dataclasses.replace(tiny_config, train=dataclasses.replace(tiny_config.train, epochs=1, grad_accum=2,
+                                                                          hidden_source=source))
+        out = tmp_path / source
+        assert train_drafter(cfg, tiny_artifacts["target_json"], where, "peagle", 64, out, progress=False,
+                             log=lambda m: None)["status"] == "ok"
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[source] = ([(m["loss"], m["grad_norm"]) for m in metrics], load_file(str(out / "final" / "model.safetensors")))
+    assert runs["online"][0] == runs["offline"][0] and len(runs["online"][0]) >= 3
+    assert all(torch.equal(runs["online"][1][k], w) for k, w in runs["offline"][1].items())

