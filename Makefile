@@ -4,6 +4,7 @@
 #   make tables          tiny profile end to end on this machine -> paper_tables/ (Tables 1 and 9,
 #                        drafting cost, comparison with the paper): the `all` rule
 #   make table1          only paper_tables/table1.csv
+#   make ablations       the training-recipe ablations: paper_tables/table3.csv ... table8.csv, Figure B
 #   make table10         the vLLM stage (needs .venv-vllm: envs/setup_vllm_cpu.sh): Table 10, cross-check
 #   make test            the test suite (slow workflow tests included)
 #   make report          report.html: every table and figure of the last run (snakemake --report)
@@ -22,7 +23,7 @@ VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 SNAKEMAKE := $(VENV)/bin/snakemake
 
-.PHONY: setup tables table1 table10 test report record record-targets dry-run-paper lint clean
+.PHONY: setup tables table1 ablations table10 test report record record-targets dry-run-paper lint clean
 
 setup:
 	./setup.sh
@@ -32,6 +33,9 @@ tables: setup
 
 table1: setup
 	$(SNAKEMAKE) --cores all paper_tables/table1.csv
+
+ablations: setup
+	$(SNAKEMAKE) --cores all ablations
 
 table10: setup
 	envs/setup_vllm_cpu.sh

@@ -97,7 +97,8 @@ def generate_greedy_batch(model, prompts: Sequence[Sequence[int]], max_new_token
 
 # --------------------------------------------------------------------------- backends
 
-# (prompts [[ids]], per-prompt new-token limits, progress callback(prompts, tokens)) -> continuations
+# A backend is called with (prompts [[ids]], per-prompt new-token limits, progress) and returns the
+# continuations; progress(prompts done, tokens made) after each batch.
 Progress = Callable[[int, int], None]
 
 
