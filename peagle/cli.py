@@ -407,18 +407,25 @@ def cmd_compare(args) -> None:
     from peagle.io import atomic_write_text
     from peagle.record import recorded_dir
 
-    cfg = load_config(*(args.config or [DEFAULT_PROFILE]))
-    tables_dir = args.tables_dir or recorded_dir(cfg.profile)
-    if not args.config and not args.tables_dir:
-        # The recorded baselines are current when the config files that made them (a profile and
-        # its overlays, e.g. config/tiny-seeds.yaml) still digest as they did.
-        from peagle.record import MANIFEST
+    from peagle.record import MANIFEST
 
-        manifest = Path(tables_dir) / MANIFEST
+    def made_by(tables_dir: Path, fallback):
+        # Recorded tables are current when the config files that made them (a profile and its
+        # overlays, e.g. config/tiny-seeds.yaml) still digest as they did.
+        manifest = tables_dir / MANIFEST
         files = json.loads(manifest.read_text()).get("config_files") if manifest.exists() else None
-        if files and all(Path(f).exists() for f in files):
-            cfg = load_config(*files)
+        return load_config(*files) if files and all(Path(f).exists() for f in files) else fallback
+
+    cfg = load_config(*(args.config or [DEFAULT_PROFILE]))
+    tables_dir = Path(args.tables_dir or recorded_dir(cfg.profile))
+    recorded = not args.config and not args.tables_dir
+    if recorded:
+        cfg = made_by(tables_dir, cfg)
     text = compare_tables(tables_dir, current_digest=cfg.digest(), only=args.tables)
+    ablations = tables_dir / "ablations"
+    if recorded and ablations.is_dir():  # the recorded ablations, a run of their own (README "Ablations")
+        text += "\n" + compare_tables(ablations, current_digest=made_by(ablations, cfg).digest(),
+                                      only=[p.stem for p in sorted(ablations.glob("table*.csv"))])
     print(text, end="")
     if args.out:
         atomic_write_text(args.out, text)

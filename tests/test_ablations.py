@@ -169,3 +169,17 @@ def test_the_regularized_design_learns_alpha_and_figure_b_plots_it(tiny_artifact
 
     with pytest.raises(CheckpointError, match="hidden_variant is 'regularized_ntp'.*suite's engine only"):
         check_export(tmp_path / "run" / "final")
+
+
+def test_the_recorded_ablations_are_current_and_compared():
+    """`peagle compare` shows the recorded ablations (results/recorded/tiny/ablations/) beside the
+    paper, current for the config files that made them: a change that moves their digest fails here."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "peagle", "compare"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    for table in ("table3", "table4", "table5", "table6", "table7", "table8"):
+        section = out[out.index(f"## {table}: "):]
+        assert section.splitlines()[2].endswith("-> current."), section.splitlines()[2]
+    assert "Claim (3)" in out and "table3.csv not found" not in out
