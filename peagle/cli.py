@@ -401,6 +401,17 @@ def cmd_plan(args) -> None:
         _log(f"plan written to {args.out}")
 
 
+def ablation_digests(cfg) -> dict[str, str]:
+    """Each ablation table's digest of its rows' runs under ``cfg`` (what a current table carries)."""
+    from peagle.tables import ablation_digest
+
+    tables = [t for group in cfg.ablations.values() for t in group.tables]
+    try:
+        return {t: ablation_digest(cfg, t) for t in tables}
+    except ValueError:  # rows this config cannot train: no table of it is current
+        return {t: "(not trainable)" for t in tables}
+
+
 def cmd_compare(args) -> None:
     from peagle.compare import compare_tables
     from peagle.config import load_config
@@ -421,10 +432,12 @@ def cmd_compare(args) -> None:
     recorded = not args.config and not args.tables_dir
     if recorded:
         cfg = made_by(tables_dir, cfg)
-    text = compare_tables(tables_dir, current_digest=cfg.digest(), only=args.tables)
+    text = compare_tables(tables_dir, current_digest=cfg.digest(), only=args.tables,
+                          ablation_digests=ablation_digests(cfg))
     ablations = tables_dir / "ablations"
     if recorded and ablations.is_dir():  # the recorded ablations, a run of their own (README "Ablations")
-        text += "\n" + compare_tables(ablations, current_digest=made_by(ablations, cfg).digest(),
+        acfg = made_by(ablations, cfg)
+        text += "\n" + compare_tables(ablations, current_digest=acfg.digest(), ablation_digests=ablation_digests(acfg),
                                       only=[p.stem for p in sorted(ablations.glob("table*.csv"))])
     print(text, end="")
     if args.out:

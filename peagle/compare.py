@@ -713,11 +713,12 @@ def compare_table10(df: pd.DataFrame) -> list[str]:
 # --------------------------------------------------------------------------- driver
 
 
-def provenance_line(path: Path, current_digest: str | None) -> str:
+def provenance_line(path: Path, current_digest: str | None, ablation_digest: str | None = None) -> str:
     """Which run made the table at ``path``, and whether it still describes the profile in effect.
 
     Stale: its config digest differs from ``current_digest`` (a setting changed since, or the
-    table predates digests). Unknown when no digest is given.
+    table predates digests), or, for an ablation table, its ablation digest differs from
+    ``ablation_digest`` (its rows' runs changed). Unknown when no digest is given.
     """
     try:
         prov = read_provenance(path)
@@ -734,15 +735,20 @@ def provenance_line(path: Path, current_digest: str | None) -> str:
     if digest != current_digest:
         return (f"Provenance: {made}, config digest {digest} -> STALE (the profile's settings now digest to "
                 f"{current_digest}; regenerate it)")
+    if ablation_digest is not None and prov.get("ablation_digest") != ablation_digest:
+        return (f"Provenance: {made}, config digest {digest}, ablation digest {prov.get('ablation_digest')} -> STALE "
+                f"(the table's rows now digest to {ablation_digest}; regenerate it)")
     return f"Provenance: {made}, config digest {digest} -> current."
 
 
 def compare_tables(tables_dir: str | Path = "paper_tables", current_digest: str | None = None,
-                   only: list[str] | None = None) -> str:
+                   only: list[str] | None = None, ablation_digests: dict[str, str] | None = None) -> str:
     """The comparison report (plain text, Markdown tables when ``tabulate`` is installed).
 
     ``current_digest``: the config digest of the profile in effect; each table is then marked
-    current or stale (see :func:`provenance_line`). ``only``: these tables (default: all of TABLES).
+    current or stale (see :func:`provenance_line`), an ablation table also by its entry of
+    ``ablation_digests`` (``peagle.tables.ablation_digest``). ``only``: these tables (default: all
+    of TABLES).
     """
     tables_dir = Path(tables_dir)
     out = ["# Regenerated tables vs the paper (arXiv 2602.01469)", "",
@@ -792,7 +798,8 @@ def compare_tables(tables_dir: str | Path = "paper_tables", current_digest: str 
                 section = compare_ablation(name, df, prov_a)
             else:
                 section = compare_drafting_cost(df)
-            out += section[:2] + [provenance_line(path, current_digest), ""] + section[2:]
+            out += section[:2] + [provenance_line(path, current_digest, (ablation_digests or {}).get(name)), ""] \
+                + section[2:]
         except Exception as err:  # a malformed table is reported, never fatal
             out.append(f"## {name}: could not be compared ({type(err).__name__}: {err})")
         out.append("")

@@ -474,7 +474,7 @@ def _train(cfg: Config, target_json: str | Path, hidden_dir: str | Path, method:
                "step_s": dt, "tokens_per_s": tokens / dt, "elements_per_s": elements / dt,
                "peak_mem_mb": peaks[-1] / memory.MB}
         if getattr(drafter, "ntp_alpha", None) is not None:  # the regularized design's scale (Figure B)
-            row["ntp_alpha"] = float(drafter.ntp_alpha)
+            row["ntp_alpha"] = drafter.ntp_alpha.item()
         for d in range(depths):
             row[f"acc_d{d}"] = float(correct[d]) / int(count[d]) if count[d] else None
         metrics.append(row)

@@ -66,6 +66,22 @@ def test_an_overlay_adds_a_row_and_retrains_nothing_else(tiny, tmp_path):
     assert more.digest() == tiny.digest()  # Tables 1 and 9 stay current: ablations carry their own digest
 
 
+def test_a_table_with_a_new_row_is_stale_and_the_others_current(tiny, tmp_path):
+    """The recorded ablations judged under an overlay that adds an 8-layer row: Table 4 is stale (its
+    rows changed), Table 7 and the others stay current (the config digest did not move)."""
+    from peagle.cli import ablation_digests
+    from peagle.compare import compare_tables
+
+    more = load_config(TINY, _overlay(tmp_path, {"ablations": {"recipe": {"tables": {"table4": {
+        "rows": [1, 2, 4, 8], "then": 4}}}}}))
+    recorded = ROOT / "results" / "recorded" / "tiny" / "ablations"
+    out = compare_tables(recorded, current_digest=more.digest(), ablation_digests=ablation_digests(more),
+                         only=["table4", "table7"])
+    provenance = {t: out[out.index(f"## {t}: "):].splitlines()[2] for t in ("table4", "table7")}
+    assert "ablation digest" in provenance["table4"] and provenance["table4"].endswith("regenerate it)")
+    assert provenance["table7"].endswith("-> current."), provenance["table7"]
+
+
 @pytest.mark.parametrize("body, match", [
     ({"ablations": {"recipe": {"tables": {"table4": {"setting": "drafter.layers"}}}}},
      r"ablations\.recipe\.tables\.table4\.setting.*not a training setting"),
