@@ -72,9 +72,6 @@ def cmd_target(args) -> None:
         _log(f"target {tc.path} recorded in {out / 'target.json'}")
         return
     _threads(cfg)
-    from peagle.data.schema import read_prompts
-    from peagle.target import TinyTargetConfig, make_tiny_target
-
     data = Path(args.data_dir)
     if args.record and not tc.recorded_dir:
         raise SystemExit(f"peagle target --record: target {tc.name!r} has no target.recorded_dir; "
@@ -89,20 +86,11 @@ def cmd_target(args) -> None:
             _log(why)
             if reused:
                 return
-    train = read_prompts(data / "train.jsonl")
-    heldout = [r for s in cfg.eval.sets for r in read_prompts(data / f"eval_{s}.jsonl")]
-    arch = TinyTargetConfig(architecture=tc.architecture, hidden_size=tc.hidden_size, num_layers=tc.num_layers,
-                            num_heads=tc.num_heads, num_kv_heads=tc.num_kv_heads,
-                            intermediate_size=tc.intermediate_size,
-                            max_position_embeddings=tc.max_position_embeddings, seed=cfg.seed,
-                            num_experts=tc.num_experts, num_experts_per_tok=tc.num_experts_per_tok,
-                            moe_intermediate_size=tc.moe_intermediate_size, sliding_window=tc.sliding_window)
-    p = tc.pretrain
-    _log(f"tiny target {tc.name} ({tc.architecture}): pretraining {p.steps} steps")
-    info = make_tiny_target(out, train, heldout, arch, vocab_size=p.tokenizer_vocab_size, steps=p.steps,
-                            seq_len=p.seq_len, batch_size=p.batch_size, lr=p.lr, warmup=p.warmup_steps,
-                            seed=cfg.seed, aux_layer_ids=tc.aux_layer_ids, name=tc.name,
-                            num_threads=cfg.runtime.threads)
+    from peagle.target.tiny import pretrain_configured_target
+
+    _log(f"tiny target {tc.name} ({tc.architecture}): pretraining {tc.pretrain.steps} steps")
+    info = pretrain_configured_target(tc, cfg.seed, data, out, heldout_sets=cfg.eval.sets,
+                                      num_threads=cfg.runtime.threads)
     if info["vocab_size"] != tc.vocab_size:
         _log(f"note: tokenizer has {info['vocab_size']} entries; the model's vocabulary is target.vocab_size={tc.vocab_size}")
     _log(f"tiny target: {info['num_parameters'] / 1e6:.2f}M parameters; "

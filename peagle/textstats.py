@@ -5,7 +5,11 @@ responses are what the drafters learn from, so the suite measures both on token 
 
 * repeated n-gram fraction of one sequence: the share of its n-grams (n = 4) that already
   occurred earlier in the same sequence;
-* cap rate: the share of responses that reached ``max_new_tokens`` without an end-of-sequence.
+* cap rate: the share of responses that reached ``max_new_tokens`` without an end-of-sequence;
+* copy accuracy: teacher-forced next-token accuracy on the reference tokens that copy a number
+  of the prompt (a list item, a rule's threshold, a name's quantity), beside the accuracy on the
+  rest. A target that cannot copy restates numbers that are not in the prompt, which is how the
+  tiny targets' answers come to repeat themselves (README, "Does the tiny target write text?").
 
 The same repetition statistic on the reference texts of the same role (the data's worked
 answers, tokenized alike) is the yardstick: :func:`compare_to_reference` gives the ratio.
@@ -17,7 +21,7 @@ import statistics
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["repeated_ngram_fraction", "response_stats", "compare_to_reference"]
+__all__ = ["repeated_ngram_fraction", "response_stats", "compare_to_reference", "copy_accuracy"]
 
 
 def repeated_ngram_fraction(tokens: Sequence[int], n: int = 4) -> float | None:
@@ -90,3 +94,25 @@ def compare_to_reference(generated: dict[str, Any], reference: dict[str, Any], *
         out.update(cap_rate=generated["cap_rate"], cap_ok=generated["cap_rate"] <= max_cap_rate,
                    max_cap_rate=max_cap_rate)
     return out
+
+
+def copy_accuracy(pairs: Iterable[tuple[Sequence[int], Sequence[int], Iterable[int]]]) -> dict[str, Any]:
+    """Accuracy of predictions on copied tokens and on the rest, pooled over sequences.
+
+    ``pairs``: ``(predicted, target, copyable)`` per sequence, ``predicted[i]`` the model's argmax
+    for ``target[i]`` and ``copyable`` the token ids a target token copies from the prompt (its
+    number tokens). ``predicted [1, 7, 3]``, ``target [1, 9, 3]``, ``copyable {9}``: copy accuracy
+    0 of 1, other accuracy 2 of 2. An accuracy with no token to count is None.
+    """
+    hits = {True: 0, False: 0}
+    counts = {True: 0, False: 0}
+    for predicted, target, copyable in pairs:
+        if len(predicted) != len(target):
+            raise ValueError(f"copy_accuracy: {len(predicted)} predictions for {len(target)} target tokens")
+        copy = set(copyable)
+        for p, y in zip(predicted, target):
+            counts[y in copy] += 1
+            hits[y in copy] += p == y
+    acc = lambda k: hits[k] / counts[k] if counts[k] else None  # noqa: E731
+    return {"copy_accuracy": acc(True), "copy_tokens": counts[True],
+            "other_accuracy": acc(False), "other_tokens": counts[False]}

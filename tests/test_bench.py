@@ -155,3 +155,25 @@ def test_cli_has_the_commands(cmd):
     with pytest.raises(SystemExit) as err:
         build_parser().parse_args([cmd, "--help"])
     assert err.value.code == 0
+
+
+def test_target_curve_pretrains_each_step_count_afresh(tmp_path):
+    """One row per (steps, set), each from its own pretraining: tokens follow the step count."""
+    import pandas as pd
+
+    from peagle.bench.target_curve import run
+    from peagle.data.tiny import make_tiny_data
+    from peagle.provenance import read_provenance
+
+    root = Path(__file__).resolve().parents[1]
+    configs = [str(root / "config" / "tiny.yaml"), str(root / "tests" / "fixtures" / "smoke.yaml")]
+    make_tiny_data(tmp_path / "data", seed=0, n_train=60, n_eval=4)
+    out = tmp_path / "curve.csv"
+    run(configs, tmp_path / "data", [2, 5], out, targets=["tiny-llama"], n_prompts=2)
+    df = pd.read_csv(out)
+    assert sorted(df["steps"].unique()) == [2, 5]
+    assert len(df) == 2 * df["eval_set"].nunique()
+    assert (df["tokens_seen"] == df["steps"] * 4 * 64).all()  # smoke pretraining: batch 4 x 64 tokens
+    for col in ("repetition_ratio", "cap_rate", "heldout_next_token_accuracy", "copy_accuracy"):
+        assert col in df
+    assert read_provenance(out)["steps"] == [2, 5]

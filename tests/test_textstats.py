@@ -35,3 +35,22 @@ def test_compare_to_reference_ratio_and_verdicts():
     assert compare_to_reference({"repetition": 0.1}, {"repetition": 0.0})["repetition_ratio"] == float("inf")
     with pytest.raises(ValueError):
         response_stats([])
+
+
+def test_copy_accuracy_splits_copied_tokens_from_the_rest():
+    from peagle.textstats import copy_accuracy
+
+    got = copy_accuracy([([1, 7, 3], [1, 9, 3], {9}), ([9, 4], [9, 5], {9, 2})])
+    assert got == {"copy_accuracy": 0.5, "copy_tokens": 2, "other_accuracy": 2 / 3, "other_tokens": 3}
+    assert copy_accuracy([([1], [1], set())])["copy_accuracy"] is None  # nothing to copy: no accuracy
+    with pytest.raises(ValueError, match="2 predictions for 3 target tokens"):
+        copy_accuracy([([1, 2], [1, 2, 3], {3})])
+
+
+def test_number_tokens_are_the_prompts_digit_tokens():
+    from peagle.target.quality import number_token_ids
+    from peagle.target.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["Take the ages 8, 13, 21. If an age is odd, keep it."] * 4, 300)
+    ids = tok("Take the ages 8, 13, 21.", add_special_tokens=False)["input_ids"]
+    assert sorted(tok.decode([i]) for i in number_token_ids(tok, ids)) == [" 13", " 21", " 8"]

@@ -3,19 +3,51 @@
 For every target and evaluation set (one role each: chat, code, math), the target greedily
 answers the set's first prompts; the answers' repetition and cap rate are set beside the same
 statistics of the set's reference texts (:mod:`peagle.textstats`), together with the target's
-held-out next-token accuracy from pretraining (tiny targets). One row per (target, set).
+held-out next-token accuracy from pretraining (tiny targets) and its teacher-forced accuracy on
+the reference tokens that copy a number of the prompt. One row per (target, set).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from peagle.textstats import compare_to_reference, response_stats
+from peagle.textstats import compare_to_reference, copy_accuracy, response_stats
 
-__all__ = ["target_quality_rows"]
+__all__ = ["target_quality_rows", "number_token_ids"]
+
+_NUMBER = re.compile(r"\s?\d+")
+
+
+def number_token_ids(tok, ids: Sequence[int]) -> set[int]:
+    """The ids among ``ids`` whose token is a number (digits, optionally after one space)."""
+    return {i for i in set(ids) if _NUMBER.fullmatch(tok.decode([i]))}
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _copy_pairs(model, tok, recs) -> list[tuple[list[int], list[int], set[int]]]:
+    """Teacher-forced ``(argmax, reference tokens, the prompt's number tokens)`` per record."""
+    import torch
+
+    from peagle.target.chat import render_training_example
+
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for rec in recs:
+            rendered = render_training_example(tok, rec)
+            if rendered is None:
+                continue
+            ids, pl = rendered
+            logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0]
+            out.append((logits[pl - 1:-1].argmax(-1).tolist(), ids[pl:], number_token_ids(tok, ids[:pl])))
+    return out
 
 
 def target_quality_rows(target_json: str | Path, data_dir: str | Path, sets: Sequence[str], *, n_prompts: int,
@@ -58,7 +90,10 @@ def target_quality_rows(target_json: str | Path, data_dir: str | Path, sets: Seq
             row.update(reference_repetition=ref["repetition"], reference_mean_len=ref["mean_len"],
                        repetition_ratio=verdict["repetition_ratio"], repetition_ok=verdict["repetition_ok"],
                        cap_ok=verdict["cap_ok"])
+            copying = copy_accuracy(_copy_pairs(model, tok, [r for r in recs if r.reference]))
+            row.update(copy_accuracy=copying["copy_accuracy"], other_accuracy=copying["other_accuracy"])
         log(f"{row['target']} {name}: repetition {gen['repetition']:.3f} (reference "
-            f"{row.get('reference_repetition', float('nan')):.3f}), cap rate {gen['cap_rate']:.2f}")
+            f"{row.get('reference_repetition', float('nan')):.3f}), cap rate {gen['cap_rate']:.2f}, "
+            f"copy accuracy {_fmt(row.get('copy_accuracy'))}")
         rows.append(row)
     return rows

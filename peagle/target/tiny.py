@@ -138,6 +138,28 @@ def build_tiny_target(cfg: TinyTargetConfig, tokenizer):
     return model.eval()
 
 
+def pretrain_configured_target(tc, seed: int, data_dir: str | Path, out_dir: str | Path, *, heldout_sets: Sequence[str],
+                               num_threads: int | None = None, steps: int | None = None) -> dict[str, Any]:
+    """:func:`make_tiny_target` for a profile's target ``tc`` (a ``peagle.config.TargetConfig``):
+    its architecture and pretraining settings, the prompts of ``data_dir`` (``train.jsonl``, and
+    ``eval_{set}.jsonl`` for the held-out accuracy). ``steps`` overrides ``tc.pretrain.steps``."""
+    from peagle.data.schema import read_prompts
+
+    data = Path(data_dir)
+    arch = TinyTargetConfig(architecture=tc.architecture, hidden_size=tc.hidden_size, num_layers=tc.num_layers,
+                            num_heads=tc.num_heads, num_kv_heads=tc.num_kv_heads,
+                            intermediate_size=tc.intermediate_size,
+                            max_position_embeddings=tc.max_position_embeddings, seed=seed,
+                            num_experts=tc.num_experts, num_experts_per_tok=tc.num_experts_per_tok,
+                            moe_intermediate_size=tc.moe_intermediate_size, sliding_window=tc.sliding_window)
+    p = tc.pretrain
+    heldout = [r for s in heldout_sets for r in read_prompts(data / f"eval_{s}.jsonl")]
+    return make_tiny_target(out_dir, read_prompts(data / "train.jsonl"), heldout, arch,
+                            vocab_size=p.tokenizer_vocab_size, steps=p.steps if steps is None else steps,
+                            seq_len=p.seq_len, batch_size=p.batch_size, lr=p.lr, warmup=p.warmup_steps,
+                            seed=seed, aux_layer_ids=tc.aux_layer_ids, name=tc.name, num_threads=num_threads)
+
+
 def make_tiny_target(out_dir: str | Path, train_records: Sequence[Any], eval_records: Sequence[Any],
                      arch: TinyTargetConfig, *, vocab_size: int, steps: int, seq_len: int,
                      batch_size: int, lr: float, warmup: int, seed: int = 0,
