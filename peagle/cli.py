@@ -43,7 +43,9 @@ def cmd_data(args) -> None:
     if cfg.data.source == "synthetic":
         from peagle.data.tiny import make_tiny_data
 
-        manifest = make_tiny_data(args.out_dir, seed=cfg.seed, n_train=cfg.data.n_train, n_eval=cfg.data.n_eval)
+        manifest = make_tiny_data(args.out_dir, seed=cfg.seed, n_train=cfg.data.n_train, n_eval=cfg.data.n_eval,
+                                  max_rules=cfg.data.list_max_rules, max_items=cfg.data.list_max_items,
+                                  walkthrough=cfg.data.list_walkthrough)
     else:
         from peagle.data.hf import make_hf_data
 

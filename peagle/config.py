@@ -72,9 +72,16 @@ class DataConfig:
     # Optional local copies keyed by dataset name or name:split (offline clusters): a file, a
     # directory, a glob or a list of them, in any layout peagle.data.hf knows for that dataset.
     data_files: dict[str, str | list[str]] = field(default_factory=dict)
+    # Synthetic data only: the largest list-rule task (rules per task, items per list).
+    list_max_rules: int = 3
+    list_max_items: int = 20
+    # ... and the form of the chat answers' steps (peagle.data.listrules.ListTask.chat_reference).
+    list_walkthrough: Literal["item", "pair"] = "item"
 
     def __post_init__(self) -> None:
         _check(self.n_train >= 1, "data.n_train", "must be >= 1")
+        _check(1 <= self.list_max_rules <= 6, "data.list_max_rules", "must be in 1..6")
+        _check(1 <= self.list_max_items <= 40, "data.list_max_items", "must be in 1..40")
         _check(self.n_eval is None or self.n_eval >= 1, "data.n_eval", "must be >= 1, or null for the full sets")
         _check(self.n_eval is not None or self.source == "hf", "data.n_eval",
                "the synthetic data has no full set to take; give a number of prompts per set")
@@ -754,6 +761,9 @@ OWN_DIGEST_KEYS = ("ablations",)
 # value is pinned here, not read from the dataclass: changing a default later changes digests.
 # "methods.*" and "extra_targets[*]" stand for every entry.
 NEUTRAL_SETTINGS: dict[str, Any] = {
+    "data.list_max_rules": 3,
+    "data.list_max_items": 20,
+    "data.list_walkthrough": "item",
     "respond.backend": "hf",
     "respond.shard_prompts": None,
     "respond.parts": 1,

@@ -476,6 +476,19 @@ def test_zero_heads_are_a_config_error_not_a_zero_division(tmp_path, validator, 
 
 
 @pytest.mark.parametrize("overlay, key", [
+    ({"data": {"list_max_items": 0}}, "data.list_max_items"),
+    ({"data": {"list_max_items": 41}}, "data.list_max_items"),
+    ({"data": {"list_max_rules": 7}}, "data.list_max_rules"),
+])
+def test_list_task_sizes_are_bounded_and_their_defaults_leave_the_digest(tmp_path, validator, overlay, key):
+    path, err = _load_error(tmp_path, overlay)
+    assert f"{path}: {key}: must be in" in str(err) and err.key == key
+    assert list(validator.iter_errors(read_config_files(TINY, path))), f"schema accepts {overlay}"
+    spelt = _write(tmp_path, "spelt.yaml", {"data": {"list_max_items": 20, "list_max_rules": 3}})
+    assert load_config(TINY, spelt).digest() == load_config(TINY).digest()  # the recorded baselines stay current
+
+
+@pytest.mark.parametrize("overlay, key", [
     ({"target": {"num_kv_heads": 3}}, "target.num_kv_heads"),
     ({"drafter": {"num_kv_heads": 3}}, "drafter.num_kv_heads"),
     ({"extra_targets": _extra_targets_with(num_kv_heads=3)}, "extra_targets[0].num_kv_heads"),

@@ -420,6 +420,13 @@ def test_list_task_phrases() -> None:
         "- 2 is not greater than 7, but it is even, so 4 is added: 2 + 4 = 6.",
         "- 5 is not greater than 7 and not even, so it is left out.",
     ]
+    assert task.chat_reference("pair").splitlines()[2:5] == [
+        "- 8 is greater than 7, so it is multiplied by 3: 8 * 3 = 24.",
+        "- After 8, 2: 2 is not greater than 7, but it is even, so 4 is added: 2 + 4 = 6.",
+        "- After 2, 5: 5 is not greater than 7 and not even, so it is left out.",
+    ]
+    with pytest.raises(ValueError, match="walkthrough='pairs'; use one of"):
+        task.chat_reference("pairs")
     assert "- otherwise, an even score gets 4 added;" in task.code_prompt()
     assert task.code_reference() == ("    result = []\n    for score in scores:\n        if score > 7:\n"
                                      "            result.append(score * 3)\n        elif score % 2 == 0:\n"

@@ -24,7 +24,10 @@ from pathlib import Path
 
 
 def run(config_files: list[str], data_dir: str | Path, steps: list[int], out: str | Path, *,
-        targets: list[str] | None = None, n_prompts: int | None = None) -> list[dict]:
+        targets: list[str] | None = None, n_prompts: int | None = None,
+        keep_dir: str | Path | None = None) -> list[dict]:
+    """Pretrain and judge every target of ``targets`` (default: the profile's) at every step count;
+    ``keep_dir``: keep each pretrained target there (``<name>_<steps>/``) instead of deleting it."""
     import pandas as pd
     import torch
 
@@ -42,10 +45,11 @@ def run(config_files: list[str], data_dir: str | Path, steps: list[int], out: st
     for tc in chosen:
         for n in steps:
             print(f"[target_curve] {tc.name}: {n} steps", file=sys.stderr, flush=True)
-            with tempfile.TemporaryDirectory(prefix=f"target_curve_{tc.name}_") as tmp:
-                info = pretrain_configured_target(tc, cfg.seed, data_dir, tmp, heldout_sets=cfg.eval.sets,
+            with tempfile.TemporaryDirectory(prefix=f"target_curve_{tc.name}_") as scratch:
+                where = Path(keep_dir) / f"{tc.name}_{n}" if keep_dir else Path(scratch)
+                info = pretrain_configured_target(tc, cfg.seed, data_dir, where, heldout_sets=cfg.eval.sets,
                                                   num_threads=cfg.runtime.threads, steps=n)
-                quality = target_quality_rows(Path(tmp) / "target.json", data_dir, list(cfg.eval.sets),
+                quality = target_quality_rows(where / "target.json", data_dir, list(cfg.eval.sets),
                                               n_prompts=n_prompts or cfg.eval.n_prompts,
                                               max_new_tokens=cfg.respond.max_new_tokens,
                                               batch_size=cfg.respond.batch_size, device=cfg.runtime.device,
@@ -71,10 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", nargs="+", help="target names (default: every target of the profile)")
     p.add_argument("--n-prompts", type=int, help="held-out prompts per set (default eval.n_prompts)")
     p.add_argument("--out", required=True, help="CSV path (a provenance sidecar is written beside it)")
+    p.add_argument("--keep-dir", help="keep each pretrained target under this directory (<name>_<steps>/)")
     a = p.parse_args(argv)
     if any(n < 1 for n in a.steps):
         p.error("--steps: every step count must be >= 1")
-    run(a.config, a.data_dir, sorted(set(a.steps)), a.out, targets=a.targets, n_prompts=a.n_prompts)
+    run(a.config, a.data_dir, list(dict.fromkeys(a.steps)), a.out, targets=a.targets, n_prompts=a.n_prompts,
+        keep_dir=a.keep_dir)
     return 0
 
 

@@ -164,11 +164,20 @@ class ListTask:
         ask = "give the total" if self.aggregate == "total" else "give the new list"
         return f"{head} {' '.join(parts)} Explain each step, then {ask}."
 
-    def chat_reference(self) -> str:
-        # No counting: each step names its item, which a reader (or an induction head) finds in the
-        # prompt's list to read off the next one; the items are distinct, so that lookup is exact.
+    def chat_reference(self, walkthrough: str = "item") -> str:
+        """The worked answer. ``walkthrough``: ``item`` -- each step names its item ("- 13 is odd,
+        ..."); ``pair`` -- each step after the first names the previous item and its own as the
+        prompt lists them ("- After 8, 13: 13 is odd, ...").
+
+        No counting either way: a reader (or an induction head) finds the previous item in the
+        prompt's list and reads off the next one; the items are distinct, so the lookup is exact.
+        ``pair`` writes that lookup out as a copy of two adjacent prompt items, which a tiny target
+        learns far sooner than the bare lookup (README, "Does the tiny target write text?").
+        """
+        if walkthrough not in WALKTHROUGHS:
+            raise ValueError(f"walkthrough={walkthrough!r}; use one of {WALKTHROUGHS}")
         lines = [f"Let's go through the {self.noun if len(self.items) == 1 else self.plural} in order.", ""]
-        for x in self.items:
+        for j, x in enumerate(self.items):
             fired, act = self.step(x)
             failed = [c.phrase() for c, _ in self.rules[:fired]]
             if fired < len(self.rules):
@@ -176,7 +185,8 @@ class ListTask:
                 said = f"{x} is {why}" if not failed else f"{x} is not {' and not '.join(failed)}, but it is {why}"
             else:
                 said = f"{x} is not {' and not '.join(failed)}"
-            lines.append(f"- {said}, so {act.worked(x)}.")
+            lead = f"After {self.items[j - 1]}, {x}: " if walkthrough == "pair" and j else ""
+            lines.append(f"- {lead}{said}, so {act.worked(x)}.")
         kept = [y for y in (self.step(x)[1].apply(x) for x in self.items) if y is not None]
         lines.append("")
         if self.aggregate == "total":
@@ -191,6 +201,7 @@ class ListTask:
         return "\n".join(lines)
 
 
+WALKTHROUGHS = ("item", "pair")
 _COND_KINDS = ("gt", "lt", "ge", "le", "eq", "even", "odd", "div")
 _ACT_KINDS = ("mul", "add", "sub", "keep")
 

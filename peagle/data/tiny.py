@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from peagle.data.io import write_data_dir
-from peagle.data.listrules import ListTask, make_list_task
+from peagle.data.listrules import WALKTHROUGHS, ListTask, make_list_task
 from peagle.data.schema import PromptRecord
 
 __all__ = [
@@ -63,10 +63,10 @@ class _Example:
 
 
 def _list_examples(kind: str, rng: random.Random, n: int, exclude: set[str], *, max_rules: int,
-                   max_items: int) -> list[_Example]:
+                   max_items: int, walkthrough: str) -> list[_Example]:
     render: Callable[[ListTask], tuple[str, str]] = (
         (lambda t: (t.code_prompt(), t.code_reference())) if kind == "code"
-        else (lambda t: (t.chat_prompt(), t.chat_reference())))
+        else (lambda t: (t.chat_prompt(), t.chat_reference(walkthrough))))
     return _distinct(kind, n, exclude, lambda: render(make_list_task(rng, max_rules=max_rules, max_items=max_items)))
 
 
@@ -371,12 +371,14 @@ def make_tiny_data(
     mix: Sequence[float] = (0.4, 0.3, 0.3),
     max_rules: int = 3,
     max_items: int = 20,
+    walkthrough: str = "item",
 ) -> dict[str, Any]:
     """Generate the tiny profile's prompt files into ``out_dir``; return the manifest.
 
     ``mix`` weighs (code, chat, math) in ``train.jsonl``; each eval file holds ``n_eval`` examples
     of one kind. ``max_rules`` / ``max_items`` bound the list-rule tasks (rules per task, items per
-    chat list). Raises :class:`TinyDataError` naming the parameter that is out of range.
+    chat list), ``walkthrough`` the form of the chat answers' steps (``ListTask.chat_reference``).
+    Raises :class:`TinyDataError` naming the parameter that is out of range.
     """
     if n_train < 1 or n_eval < 1:
         raise TinyDataError(f"n_train and n_eval must be >= 1 (got n_train={n_train}, n_eval={n_eval})")
@@ -390,7 +392,9 @@ def make_tiny_data(
         return random.Random(f"peagle-tiny:{seed}:{stream}")
 
     want = _counts(n_train, mix)
-    size = {"max_rules": max_rules, "max_items": max_items}
+    if walkthrough not in WALKTHROUGHS:
+        raise TinyDataError(f"walkthrough={walkthrough!r}; use one of {WALKTHROUGHS}")
+    size = {"max_rules": max_rules, "max_items": max_items, "walkthrough": walkthrough}
     selected: dict[str, dict[str, list[_Example]]] = {"train": {}, "eval": {}}
     for kind in ("code", "chat"):
         selected["eval"][kind] = _list_examples(kind, rng(f"{kind}:eval"), n_eval, set(), **size)
