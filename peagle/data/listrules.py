@@ -171,8 +171,8 @@ class ListTask:
 
         No counting either way: a reader (or an induction head) finds the previous item in the
         prompt's list and reads off the next one; the items are distinct, so the lookup is exact.
-        ``pair`` writes that lookup out as a copy of two adjacent prompt items, which a tiny target
-        learns far sooner than the bare lookup (README, "Does the tiny target write text?").
+        ``pair`` writes that lookup out as a copy of two adjacent prompt items; it raised a tiny
+        target's copy accuracy, not yet its repetition (README, "Does the tiny target write text?").
         """
         if walkthrough not in WALKTHROUGHS:
             raise ValueError(f"walkthrough={walkthrough!r}; use one of {WALKTHROUGHS}")
