@@ -484,7 +484,7 @@ def test_list_task_sizes_are_bounded_and_their_defaults_leave_the_digest(tmp_pat
     path, err = _load_error(tmp_path, overlay)
     assert f"{path}: {key}: must be in" in str(err) and err.key == key
     assert list(validator.iter_errors(read_config_files(TINY, path))), f"schema accepts {overlay}"
-    spelt = _write(tmp_path, "spelt.yaml", {"data": {"list_max_items": 20, "list_max_rules": 3}})
+    spelt = _write(tmp_path, "spelt.yaml", {"data": {"list_max_items": 20, "list_max_rules": 3, "list_walkthrough": "item"}})
     assert load_config(TINY, spelt).digest() == load_config(TINY).digest()  # the recorded baselines stay current
 
 

@@ -10,7 +10,7 @@ copy a number of the prompt (:func:`peagle.textstats.copy_accuracy`). One row pe
 rewritten after every point, so a killed sweep keeps what it measured.
 
     python -m peagle.bench.target_curve --config config/tiny.yaml --data-dir results/tiny/data \\
-        --steps 400 1200 2400 --out results/benchmarks/target_curve_cpu.csv
+        --steps 400 1200 2400 --targets tiny-llama --out results/benchmarks/target_curve/llama_steps.csv
 """
 
 from __future__ import annotations

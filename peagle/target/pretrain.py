@@ -105,24 +105,19 @@ def pack_sequences(seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], se
     return as_t(0), as_t(1), as_t(2)
 
 
-def evaluate_next_token_accuracy(model, tokenizer, records: Sequence[Any], *,
-                                 max_records: int | None = 64,
-                                 max_len: int | None = None) -> dict[str, Any]:
-    """Greedy next-token accuracy and mean NLL of ``model`` on the response (reference + eos)
-    tokens of ``records`` that have a reference; the prompt only conditions."""
+def teacher_forced(model, tokenizer, records: Sequence[Any], *, max_records: int | None = None,
+                   max_len: int | None = None):
+    """Yield ``(prompt ids, response ids, logits [len(response), V])`` per record with a reference:
+    one forward over ``chat(prompt) + reference + eos`` (cut to ``max_len``), ``logits[i]``
+    predicting response token ``i``. At most ``max_records`` records; no gradients."""
     import torch
 
-    n_rec = 0
-    correct = 0
-    total = 0
-    nll = 0.0
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    n_rec = 0
     with torch.no_grad():
         for rec in records:
             if max_records is not None and n_rec >= max_records:
-                break
+                return
             r = render_training_example(tokenizer, rec)
             if r is None:
                 continue
@@ -131,15 +126,29 @@ def evaluate_next_token_accuracy(model, tokenizer, records: Sequence[Any], *,
                 ids = ids[:max_len]
             if len(ids) <= pl:
                 continue
-            x = torch.tensor([ids], dtype=torch.long, device=device)
-            logits = model(input_ids=x, use_cache=False).logits[0].float()  # [T, V]
-            # logits[t-1] predicts ids[t]; score t in [pl, T)
-            pred_logits = logits[pl - 1: len(ids) - 1]
-            tgt = x[0, pl:]
-            correct += int((pred_logits.argmax(-1) == tgt).sum())
-            nll += float(torch.nn.functional.cross_entropy(pred_logits, tgt, reduction="sum"))
-            total += int(tgt.numel())
+            logits = model(input_ids=torch.tensor([ids], dtype=torch.long, device=device),
+                           use_cache=False).logits[0].float()
             n_rec += 1
+            yield ids[:pl], ids[pl:], logits[pl - 1: len(ids) - 1]
+
+
+def evaluate_next_token_accuracy(model, tokenizer, records: Sequence[Any], *,
+                                 max_records: int | None = 64,
+                                 max_len: int | None = None) -> dict[str, Any]:
+    """Greedy next-token accuracy and mean NLL of ``model`` on the response (reference + eos)
+    tokens of ``records`` that have a reference; the prompt only conditions."""
+    import torch
+
+    n_rec = correct = total = 0
+    nll = 0.0
+    was_training = model.training
+    model.eval()
+    for _, response, logits in teacher_forced(model, tokenizer, records, max_records=max_records, max_len=max_len):
+        tgt = torch.tensor(response, device=logits.device)
+        correct += int((logits.argmax(-1) == tgt).sum())
+        nll += float(torch.nn.functional.cross_entropy(logits, tgt, reduction="sum"))
+        total += len(response)
+        n_rec += 1
     model.train(was_training)
     return {"heldout_next_token_accuracy": (correct / total) if total else None,
             "heldout_loss": (nll / total) if total else None,

@@ -33,21 +33,10 @@ def _fmt(x: float | None) -> str:
 
 def _copy_pairs(model, tok, recs) -> list[tuple[list[int], list[int], set[int]]]:
     """Teacher-forced ``(argmax, reference tokens, the prompt's number tokens)`` per record."""
-    import torch
+    from peagle.target.pretrain import teacher_forced
 
-    from peagle.target.chat import render_training_example
-
-    device = next(model.parameters()).device
-    out = []
-    with torch.no_grad():
-        for rec in recs:
-            rendered = render_training_example(tok, rec)
-            if rendered is None:
-                continue
-            ids, pl = rendered
-            logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0]
-            out.append((logits[pl - 1:-1].argmax(-1).tolist(), ids[pl:], number_token_ids(tok, ids[:pl])))
-    return out
+    return [(logits.argmax(-1).tolist(), response, number_token_ids(tok, prompt))
+            for prompt, response, logits in teacher_forced(model, tok, recs)]
 
 
 def target_quality_rows(target_json: str | Path, data_dir: str | Path, sets: Sequence[str], *, n_prompts: int,
